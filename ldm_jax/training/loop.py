@@ -1,0 +1,212 @@
+"""The shared training loop: mesh -> sharded state (new or restored) -> compiled
+update step -> steps with logging, checkpoints, sample grids, NaN and SIGTERM
+handling. A stage plugs in as a Task (`ldm_jax.training.step`)."""
+import logging
+import math
+import os
+import signal
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from clu import parameter_overview
+from jax.experimental import multihost_utils
+
+from ldm_jax import checkpoint, config_lib, parallel
+from ldm_jax.training import images as image_io
+from ldm_jax.training.summary import SummaryWriter
+
+log = logging.getLogger("ldm_jax")
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or Inf; the last checkpoint is left as it was."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True when any process was asked to stop (all processes must agree)."""
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.any(flags))
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def _memory_report(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+             m.alias_size_in_bytes)
+    return (f"args {m.argument_size_in_bytes / 2**20:.1f} MiB, temp {m.temp_size_in_bytes / 2**20:.1f}"
+            f" MiB, total {total / 2**20:.1f} MiB per device")
+  except Exception:  # memory_analysis is not available on every backend
+    return "n/a"
+
+
+def run(task, config, workdir: str, make_data: Callable, *,
+        sample_batch: Optional[dict] = None, devices=None) -> dict:
+  """Trains `task` for `config.total_steps` steps, resuming from `workdir`.
+
+  Args:
+    task: a Task (init / update / sample / prepare_batch).
+    config: the stage's config (spine fields + the stage's own).
+    workdir: where checkpoints, event files and sample grids go.
+    make_data: (data_state or None, per_process_batch) -> iterator with
+      `get_state()`, `set_state()`, `stats()`.
+    sample_batch: host-local batch for the periodic sample grids (None: none).
+    devices: the devices of the mesh (default: all).
+
+  Returns:
+    dict(state=final train state, step=..., logged=[(step, mean metrics)], compile_s=..., steps_per_s=...,
+    preempted=bool, mesh=..., shardings=...).
+  """
+  is_main = jax.process_index() == 0
+  checkpoint.check_writable(workdir)
+  mesh = parallel.make_mesh(config, devices)
+  rules = parallel.rules_of(config)
+  per_process = parallel.check_batch(config.batch_size, mesh, config.grad_accum)
+  init_rng, step_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  cfg_dict = config_lib.to_dict(config)
+
+  data_state = None
+  if ckpt.latest_step() is not None:
+    abstract, shardings = parallel.abstract_state(task.init, init_rng, mesh, rules)
+    state, data_state, start = ckpt.restore(abstract, cfg_dict)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    state, shardings = parallel.create_sharded(task.init, init_rng, mesh, rules)
+    start = 0
+  if is_main:
+    log.info("mesh %s, %d processes, batch %d (%d per process)", dict(mesh.shape),
+             jax.process_count(), config.batch_size, per_process)
+    log.info("parameters:\n%s", parameter_overview.get_parameter_overview(
+        state["params"], include_stats=False))
+  it = make_data(data_state, per_process)
+
+  batch_sh = parallel.batch_sharding(mesh)
+
+  def update(state, batch, rng):
+    return task.update(state, batch, jax.random.fold_in(rng, state["step"]))
+
+  update = jax.jit(update, in_shardings=(shardings, batch_sh, None),
+                   out_shardings=(shardings, None), donate_argnums=0)
+  batch = parallel.global_batch(task.prepare_batch(next(it)), mesh)
+  t0 = time.time()
+  with parallel.activate(mesh, rules):
+    compiled = update.lower(state, batch, step_rng).compile()
+  compile_s = time.time() - t0
+  if is_main:
+    log.info("compiled the update step in %.1f s; memory: %s", compile_s, _memory_report(compiled))
+
+  sample_fn = sample_global = None
+  if sample_batch is not None:
+    sample_fn = jax.jit(task.sample)
+    sample_global = parallel.global_batch(task.prepare_batch(sample_batch), mesh)
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+
+  def save_samples(step):
+    if sample_fn is None:
+      return
+    with parallel.activate(mesh, rules):
+      images = sample_fn(state, sample_global, sample_rng)
+    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    if is_main:
+      grid = image_io.grid(images)
+      image_io.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+      writer.image(step, "samples", grid)
+
+  def check(metrics, step):
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(v) for v in m.values()):
+      bad = {k: v for k, v in m.items() if not math.isfinite(v)}
+      raise NonFiniteLoss(f"non-finite metrics {bad} at step {step}; the last checkpoint "
+                          f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+    return m
+
+  step, history, pending, logged = start, [], None, []
+  t_last, step_last = time.time(), start
+  steps_per_s = float("nan")
+  preempted = False
+  try:
+    with _Preemption() as preemption:
+      while step < config.total_steps:
+        state, metrics = compiled(state, batch, step_rng)
+        step += 1
+        if pending is not None:  # check the previous step while this one runs
+          history.append(check(*pending))
+        pending = (metrics, step)
+        is_log = step % config.log_every == 0 or step == config.total_steps
+        is_ckpt = step % config.ckpt_every == 0
+        if is_log or is_ckpt:
+          history.append(check(*pending))
+          pending = None
+        if is_log:
+          now = time.time()
+          steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          means = {k: float(np.mean([h[k] for h in history])) for k in history[-1]}
+          logged.append((step, means))
+          history = []
+          stats = {f"data/{k}": float(v) for k, v in it.stats().items()}
+          if is_main:
+            log.info("step %d/%d | %s | %.2f steps/s | %.1f ex/s | ETA %s", step, config.total_steps,
+                     " ".join(f"{k} {v:.4g}" for k, v in means.items()), steps_per_s,
+                     steps_per_s * config.batch_size,
+                     _fmt_eta((config.total_steps - step) / max(steps_per_s, 1e-9)))
+            writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()}, **stats,
+                                  "perf/steps_per_s": steps_per_s,
+                                  "perf/examples_per_s": steps_per_s * config.batch_size})
+        if config.sample_every and step % config.sample_every == 0:
+          save_samples(step)
+        stop = (is_log or is_ckpt) and preemption.agreed() if jax.process_count() > 1 else preemption.requested
+        if is_ckpt or stop:
+          if pending is not None:
+            history.append(check(*pending))
+            pending = None
+          ckpt.save(step, state, it.get_state(), cfg_dict)
+        if stop:
+          log.warning("SIGTERM: saved step %d, exiting", step)
+          preempted = True
+          break
+        if step < config.total_steps:
+          batch = parallel.global_batch(task.prepare_batch(next(it)), mesh)
+    if pending is not None:
+      check(*pending)
+    if not preempted:
+      if ckpt.latest_step() != step:
+        ckpt.save(step, state, it.get_state(), cfg_dict, force=True)
+      save_samples(step)
+  finally:  # a save in flight holds a good state: let it finish
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+  return dict(state=state, step=step, logged=logged, compile_s=compile_s, steps_per_s=steps_per_s,
+              preempted=preempted, mesh=mesh, shardings=shardings)
