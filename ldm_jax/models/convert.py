@@ -18,6 +18,8 @@ import re
 from typing import Callable, Iterable, Mapping, Optional
 
 import flax
+import flax.linen
+import jax
 import numpy as np
 
 _WEIGHT_NAMES = ("kernel", "scale", "embedding")
@@ -71,6 +73,8 @@ def torch_to_flax(state_dict: Mapping[str, object], template, *,
   Returns:
     A nested dict of float32 numpy arrays with the template's structure.
   """
+  is_box = lambda x: isinstance(x, flax.linen.meta.AxisMetadata)
+  template = jax.tree.map(lambda x: x.value if is_box(x) else x, template, is_leaf=is_box)
   flat_t = flax.traverse_util.flatten_dict(flax.core.unfreeze(template))
   ignore = [re.compile(p) for p in ignore]
   out, unused, mismatched = {}, [], []

@@ -1,0 +1,182 @@
+"""Self/cross attention and the SpatialTransformer of the LDM UNet.
+
+The cross-attention `softmax(Q K^T / sqrt(d)) V` with `Q` from the UNet
+features and `K, V` from `tau(y)` is how text (or any sequence) conditions the
+denoiser. Modules mirror diffusers' `Attention`, `BasicTransformerBlock` and
+`Transformer2DModel` (names to_q, to_k, to_v, to_out_0, ff.net_0.proj, ...) so
+`ldm_jax.models.convert.torch_to_flax` converts their weights directly.
+
+Attention runs through `jax.nn.dot_product_attention` with no implementation
+forced: XLA picks cuDNN flash attention on GPUs for bf16/fp16 inputs and the
+plain XLA kernel elsewhere. Heads carry the logical name `heads` so they can be
+sharded over the `tensor` mesh axis; kernels whose input is the heads use axes
+('mlp', 'embed') so a tensor-parallel block needs one reduction only.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.models import layers
+
+# Activation axis names of (batch, tokens, heads, head features).
+QKV_AXES = ("batch", "length", "heads", "kv")
+# Kernels whose input features are the heads (to_out_0, ff.net_2).
+OUT_AXES = ("mlp", "embed")
+_LECUN = nn.initializers.lecun_normal()
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
+                         is_causal: bool = False, dtype=None) -> jax.Array:
+  """Scaled dot-product attention over heads.
+
+  Args:
+    q: (B, N, heads * d) queries; k, v: (B, M, heads * d).
+    heads: number of heads.
+    is_causal: mask query i from keys j > i.
+    dtype: compute dtype (None keeps the input dtype).
+
+  Returns:
+    (B, N, heads * d).
+  """
+  def split(a):
+    a = a.reshape(a.shape[:2] + (heads, a.shape[-1] // heads))
+    a = a if dtype is None else a.astype(dtype)
+    return nn.with_logical_constraint(a, QKV_AXES)
+  o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
+                                   implementation=None)
+  o = nn.with_logical_constraint(o, QKV_AXES)
+  return o.reshape(o.shape[:2] + (-1,))
+
+
+class Attention(nn.Module):
+  """Multi-head attention (diffusers `Attention`); cross-attention when `context` is given.
+
+  Attributes:
+    heads: number of heads.
+    dim_head: features per head; the inner width is heads * dim_head.
+    qkv_bias: bias on to_q/to_k/to_v (False in transformer blocks as in SD).
+    dtype: compute dtype.
+  """
+  heads: int
+  dim_head: int
+  qkv_bias: bool = False
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    """Args: x (B, N, C) queries; context (B, M, D) keys/values, None = self-attention.
+
+    Returns: (B, N, C).
+    """
+    context = x if context is None else context
+    inner = self.heads * self.dim_head
+    dense = lambda name: layers.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)
+    o = multi_head_attention(dense("to_q")(x), dense("to_k")(context), dense("to_v")(context),
+                             self.heads, dtype=self.dtype)
+    return layers.Dense(x.shape[-1], axes=OUT_AXES, dtype=self.dtype, name="to_out_0")(o)
+
+
+class GEGLU(nn.Module):
+  """`h * gelu(gate)` with both halves from one projection (Shazeer 2020)."""
+  inner: int
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    h, gate = jnp.split(layers.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, -1)
+    return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """diffusers `FeedForward` with GEGLU: net_0 (GEGLU), net_1 (dropout), net_2."""
+  mult: int = 4
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    h = GEGLU(self.mult * x.shape[-1], dtype=self.dtype, name="net_0")(x)
+    return layers.Dense(x.shape[-1], axes=OUT_AXES, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Pre-LayerNorm [self-attention, cross-attention on `context`, GEGLU MLP], each residual.
+
+  Without a context, attn2 attends to the features themselves (as the reference).
+  """
+  heads: int
+  dim_head: int
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    attn = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype, name=name)
+    x = attn("attn1")(layers.LayerNorm(epsilon=1e-5, name="norm1")(x)) + x
+    x = attn("attn2")(layers.LayerNorm(epsilon=1e-5, name="norm2")(x), context) + x
+    x = FeedForward(dtype=self.dtype, name="ff")(layers.LayerNorm(epsilon=1e-5, name="norm3")(x)) + x
+    return nn.with_logical_constraint(x, ("batch", "length", "channels"))
+
+
+class SpatialTransformer(nn.Module):
+  """diffusers `Transformer2DModel`: GroupNorm -> proj_in -> blocks -> proj_out -> + x.
+
+  Attributes:
+    heads: number of heads; dim_head: features per head (inner = heads * dim_head).
+    depth: number of BasicTransformerBlocks (transformer_blocks_k).
+    use_linear_projection: proj_in/proj_out are Dense (SD 2) instead of 1x1 convs.
+    num_groups: GroupNorm groups (32 in SD).
+    dtype: compute dtype.
+  """
+  heads: int
+  dim_head: int
+  depth: int = 1
+  use_linear_projection: bool = False
+  num_groups: int = 32
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+    """Args: x (B, H, W, C) features; context (B, L, D) = tau(y) or None.
+
+    Returns: (B, H, W, C).
+    """
+    b, h, w, c = x.shape
+    inner = self.heads * self.dim_head
+    if self.use_linear_projection:
+      proj = lambda n, name, init=_LECUN: layers.Dense(
+          n, dtype=self.dtype, kernel_init=init, name=name)
+    else:
+      proj = lambda n, name, init=_LECUN: layers.Conv(
+          n, 1, padding=0, dtype=self.dtype, kernel_init=init, name=name)
+    hid = layers.GroupNorm(self.num_groups, epsilon=1e-6, name="norm")(x)
+    hid = proj(inner, "proj_in")(hid.astype(self.dtype or hid.dtype)).reshape(b, h * w, inner)
+    for k in range(self.depth):
+      hid = BasicTransformerBlock(self.heads, self.dim_head, dtype=self.dtype,
+                                  name=f"transformer_blocks_{k}")(hid, context)
+    # proj_out starts at zero so a fresh block is the identity.
+    hid = proj(c, "proj_out", layers.zeros_init())(hid.reshape(b, h, w, inner))
+    return hid + x
+
+
+class AttentionBlock(nn.Module):
+  """Plain self-attention over pixels (openaimodel `AttentionBlock`, diffusers
+  `Attention` with group_norm and a residual, as in UNet2DModel), used when the
+  UNet has no context. to_out_0 starts at zero, as the reference's proj_out.
+  """
+  heads: int
+  num_groups: int = 32
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context=None) -> jax.Array:
+    del context
+    b, h, w, c = x.shape
+    hid = layers.GroupNorm(self.num_groups, epsilon=1e-5, name="group_norm")(x)
+    hid = hid.astype(self.dtype or hid.dtype).reshape(b, h * w, c)
+    dense = lambda name: layers.Dense(c, dtype=self.dtype, name=name)
+    o = multi_head_attention(dense("to_q")(hid), dense("to_k")(hid), dense("to_v")(hid),
+                             self.heads, dtype=self.dtype)
+    o = layers.Dense(c, axes=OUT_AXES, dtype=self.dtype, kernel_init=layers.zeros_init(),
+                     name="to_out_0")(o)
+    return o.reshape(b, h, w, c) + x
