@@ -66,6 +66,98 @@ def validate(config) -> None:
   need("batch" in rule_names, "sharding_rules", "needs a rule for 'batch'")
 
 
+SPINE_FIELDS = tuple(spine().keys())
+
+
+def for_stage(config, name: str) -> ml_collections.ConfigDict:
+  """The config one stage trains with: the spine fields, overridden by the ones
+  that `config[name]` sets (e.g. stage1.total_steps, stage2.batch_size)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for k, v in config[name].items():
+    if k in SPINE_FIELDS:
+      c[k] = v
+  return c.lock()
+
+
 def to_dict(config) -> dict:
   """A JSON-able dict of a config (tuples become lists)."""
   return ml_collections.ConfigDict(config).to_dict()
+
+
+# Per size: (image resolution, first stage (kind, f, preset), stage-1 steps, stage-2 steps).
+LDM_SIZES = {
+    "tiny": dict(resolution=32, first=("kl", 4, "tiny"), stage1_steps=1500, stage2_steps=4000,
+                 batch1=32, batch2=64),
+    "base": dict(resolution=256, first=("kl", 8, "ref"), stage1_steps=200_000, stage2_steps=400_000,
+                 batch1=96, batch2=256),
+    "sd15": dict(resolution=512, first=("kl", 8, "ref"), stage1_steps=0, stage2_steps=400_000,
+                 batch1=8, batch2=2048),
+    "sd2": dict(resolution=768, first=("kl", 8, "ref"), stage1_steps=0, stage2_steps=400_000,
+                batch1=8, batch2=2048),
+}
+
+
+def ldm(arg, *, context: str = "text", classes: int = 0, concat: str = "none",
+        doc_sizes=("tiny", "base", "sd15", "sd2")) -> ml_collections.ConfigDict:
+  """A whole latent-diffusion config: data, stage 1 (autoencoder), stage 2 (UNet).
+
+  Args:
+    arg: the parsed config arg (size, data).
+    context, classes, concat: the stage-2 conditioning (see training/conditioning.py).
+  """
+  from ldm_jax import data as data_lib
+  from ldm_jax.models import text as text_lib
+  from ldm_jax.training import autoencoder, ldm as ldm_lib
+  if arg.size not in doc_sizes:
+    raise ValueError(f"config arg size={arg.size!r} is not one of {doc_sizes}")
+  s = LDM_SIZES[arg.size]
+  c = spine(batch_size=s["batch2"])
+  c.stages = ("autoencoder", "ldm") if s["stage1_steps"] else ("ldm",)
+  c.data = data_lib.default_config()
+  c.data.source = arg.data
+  c.data.resolution = s["resolution"]
+  kind, f, preset = s["first"]
+  c.stage1 = autoencoder.default_config(kind, f, preset)
+  c.stage1.image_size = s["resolution"]
+  c.stage1.total_steps = s["stage1_steps"]    # stage-1 steps (overrides total_steps)
+  c.stage1.batch_size = s["batch1"]           # stage-1 global batch (overrides batch_size)
+  c.stage1.scale_batches = 8                  # batches over which 1/std(z) is estimated
+  c.stage2 = ldm_lib.default_config(arg.size, context=context, classes=classes, concat=concat)
+  c.stage2.total_steps = s["stage2_steps"]
+  c.stage2.batch_size = s["batch2"]
+  if context == "text" and c.stage2.text.encoder == "transformer":
+    c.stage2.unet.context_dim = text_lib.preset(c.stage2.text.size)["width"]
+  if arg.data == "shapes" and context == "text":
+    from ldm_jax.data import shapes  # grids show held-out prompts: combinations never trained on
+    c.stage2.sample.prompts = tuple(shapes.caption(shapes.sample_attrs(7, i, "heldout"))
+                                    for i in range(8))
+    if arg.size in ("tiny", "base"):  # a word vocabulary: ~40 words, ~14 tokens a caption
+      from ldm_jax.models.text import WordTokenizer
+      c.stage2.text.tokenizer = "words"
+      c.stage2.text.vocab = WordTokenizer.build_vocab(
+          [shapes.caption(shapes.sample_attrs(0, i, "all")) for i in range(2000)])
+      c.stage2.text.max_length = 16
+  if arg.size in ("sd15", "sd2"):
+    c.stage2.scale_factor = 0.18215           # Stable Diffusion's VAE
+    c.stage2.prediction_type = "v" if arg.size == "sd2" else "eps"
+  return c
+
+
+def autoencoder(arg, kind: str, factors: tuple) -> ml_collections.ConfigDict:
+  """A stage-1-only config for the paper's `kind`-f models (arg: f, size=ref|tiny, data)."""
+  from ldm_jax import data as data_lib
+  from ldm_jax.training import autoencoder as ae_lib
+  if arg.f not in factors:
+    raise ValueError(f"config arg f={arg.f} is not one of {factors}")
+  if arg.size not in ("ref", "tiny"):
+    raise ValueError(f"config arg size={arg.size!r} is not one of ('ref', 'tiny')")
+  ref = arg.size == "ref"
+  c = spine(batch_size=96 if ref else 32, total_steps=200_000 if ref else 1500)
+  c.stages = ("autoencoder",)
+  c.data = data_lib.default_config()
+  c.data.source = arg.data
+  c.data.resolution = 256 if ref else 32
+  c.stage1 = ae_lib.default_config(kind, arg.f, arg.size)
+  c.stage1.image_size = c.data.resolution
+  c.stage1.scale_batches = 8    # batches over which 1/std(z) is estimated
+  return c

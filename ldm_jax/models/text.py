@@ -1,6 +1,8 @@
 """Tokenizers and text encoders tau(y) for text-conditioned latent diffusion.
 
 * `ByteTokenizer`: UTF-8 bytes, needs no download (tests, from-scratch models).
+* `WordTokenizer`: whole words of a vocabulary collected from captions (small
+  captioned datasets, where it learns much faster than bytes).
 * `CLIPTokenizerFromFolder`: a local transformers CLIP tokenizer folder.
 * `TextTransformer`: the LDM paper's text encoder trained jointly with the UNet
   (token + learned position embeddings, pre-LN transformer, bidirectional).
@@ -8,9 +10,11 @@
   names that `ldm_jax.models.convert.torch_to_flax` maps directly; `layer=
   'penultimate'` is SD 2's choice (FrozenOpenCLIPEmbedder).
 """
+import collections
 import json
 import logging
 import os
+import re
 from typing import List, Optional, Sequence
 
 import flax.linen as nn
@@ -71,6 +75,53 @@ class ByteTokenizer(_Truncating):
       body = bytes(int(i) - self.OFFSET for i in row
                    if int(i) >= self.OFFSET)
       out.append(body.decode("utf-8", errors="ignore"))
+    return out
+
+
+class WordTokenizer(_Truncating):
+  """Whole words from a fixed vocabulary: [BOS, word ids ..., EOS, PAD ...].
+
+  For small captioned datasets (the embedded shapes set has ~40 words) a word
+  vocabulary makes a tiny jointly trained text encoder learn far faster than
+  bytes. `build_vocab` collects it from captions; it is stored in the config, so
+  a checkpoint carries its tokenizer. Unknown words map to UNK.
+
+  Args:
+    vocab: the words (ids start after PAD, BOS, EOS, UNK).
+    max_length: tokens per prompt including BOS and EOS.
+  """
+  PAD, BOS, EOS, UNK, OFFSET = 0, 1, 2, 3, 4
+
+  def __init__(self, vocab: Sequence[str], max_length: int = 16):
+    if max_length < 2:
+      raise ValueError(f"WordTokenizer: max_length={max_length} must be >= 2 (BOS and EOS)")
+    self.vocab = tuple(vocab)
+    self.ids = {w: i + self.OFFSET for i, w in enumerate(self.vocab)}
+    self.max_length = max_length
+    self.vocab_size = len(self.vocab) + self.OFFSET
+
+  @staticmethod
+  def split(text: str) -> List[str]:
+    return re.findall(r"[\w']+|[^\w\s]", text.lower())
+
+  @classmethod
+  def build_vocab(cls, captions: Sequence[str], max_words: int = 30000) -> tuple:
+    """The most frequent words of `captions` (ties alphabetical)."""
+    counts = collections.Counter(w for c in captions for w in cls.split(c))
+    return tuple(sorted(counts, key=lambda w: (-counts[w], w))[:max_words])
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    if isinstance(texts, str):
+      texts = [texts]
+    out = np.full((len(texts), self.max_length), self.PAD, np.int32)
+    truncated = 0
+    for i, text in enumerate(texts):
+      body = [self.ids.get(w, self.UNK) for w in self.split(text)]
+      if len(body) > self.max_length - 2:
+        body, truncated = body[:self.max_length - 2], truncated + 1
+      row = [self.BOS] + body + [self.EOS]
+      out[i, :len(row)] = row
+    self._warn_truncated(truncated, self.max_length)
     return out
 
 

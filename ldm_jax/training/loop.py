@@ -71,7 +71,8 @@ def _memory_report(compiled) -> str:
 
 
 def run(task, config, workdir: str, make_data: Callable, *,
-        sample_batch: Optional[dict] = None, devices=None) -> dict:
+        sample_batch: Optional[dict] = None, devices=None,
+        initial_values: Optional[Callable] = None) -> dict:
   """Trains `task` for `config.total_steps` steps, resuming from `workdir`.
 
   Args:
@@ -82,6 +83,8 @@ def run(task, config, workdir: str, make_data: Callable, *,
       `get_state()`, `set_state()`, `stats()`.
     sample_batch: host-local batch for the periodic sample grids (None: none).
     devices: the devices of the mesh (default: all).
+    initial_values: (state, shardings) -> state, applied to a fresh (not restored)
+      state; how stage 2 puts the trained first stage into its state.
 
   Returns:
     dict(state=final train state, step=..., logged=[(step, mean metrics)], compile_s=..., steps_per_s=...,
@@ -104,10 +107,18 @@ def run(task, config, workdir: str, make_data: Callable, *,
   else:
     state, shardings = parallel.create_sharded(task.init, init_rng, mesh, rules)
     start = 0
+    if initial_values is not None:
+      state = initial_values(state, shardings)
+  if start >= config.total_steps:
+    ckpt.close()
+    return dict(state=state, step=start, logged=[], compile_s=0.0, steps_per_s=float("nan"),
+                preempted=False, mesh=mesh, shardings=shardings)
   if is_main:
     log.info("mesh %s, %d processes, batch %d (%d per process)", dict(mesh.shape),
              jax.process_count(), config.batch_size, per_process)
-    log.info("parameters:\n%s", parameter_overview.get_parameter_overview(
+    n_params = parameter_overview.count_parameters(state["params"])
+    log.info("trainable parameters: %s (the table is at debug level)", f"{n_params:,}")
+    log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(
         state["params"], include_stats=False))
   it = make_data(data_state, per_process)
 

@@ -1,0 +1,10 @@
+"""Unconditional LDM (CelebA-HQ / FFHQ / LSUN style). arg: size=tiny|base, data=shapes|wds|tfds."""
+from ldm_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, size="tiny", data="shapes")
+  c = config_lib.ldm(arg, context="none", doc_sizes=("tiny", "base"))
+  c.stage2.cond_drop = 0.0  # nothing to drop
+  c.stage2.sample.guidance = 1.0
+  return c.lock()

@@ -1,0 +1,190 @@
+"""The data pipeline: shards -> samples -> decoded examples -> host-local batches,
+with an exactly resumable position and counted, never fatal, bad input.
+
+Order. Each epoch the shard list is permuted by (seed, epoch), then divided
+across processes (shard i goes to process i % P; with fewer shards than
+processes, every process reads all shards and keeps sample j when j % P == p).
+A process reads its shards in order and shuffles in blocks of `shuffle_buffer`
+samples, each block permuted by (seed, epoch, process, block). The position is
+(epoch, block start as shard + offset, emitted within the block), so
+`set_state` re-reads one block and continues exactly where `get_state` was taken.
+
+Decoding runs on a pool of `workers` threads (PIL releases the GIL while
+decoding); results keep their order, so parallelism never changes the stream.
+"""
+import concurrent.futures
+import logging
+import os
+from typing import Iterator, Optional
+
+import ml_collections
+import numpy as np
+
+from ldm_jax.data import decode, shards
+
+log = logging.getLogger("ldm_jax")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.data`, each field commented."""
+  c = ml_collections.ConfigDict()
+  c.source = "shapes"        # 'shapes' (embedded, written as shards on first use) | 'wds' | 'tfds' | 'latents'
+  c.shards = ""              # wds/latents: brace pattern, glob or comma list; local or fsspec URL
+  c.resolution = 256         # square training resolution (shorter side resized, then cropped)
+  c.crop = "center"          # 'center' | 'random'
+  c.flip = False             # random horizontal flips
+  c.caption_key = "caption"  # json field used when a sample has no .txt
+  c.require_caption = True   # skip (and count) samples without a caption
+  c.label_key = "label"      # json field with an int class label ('' = none)
+  c.min_size = 0             # skip images whose shorter side (json width/height or actual) is smaller
+  c.min_aesthetic = 0.0      # skip samples whose json 'aesthetic' score is lower (0 = off)
+  c.max_punsafe = 1.0        # skip samples whose json 'punsafe' is higher (1 = off)
+  c.max_pwatermark = 1.0     # skip samples whose json 'pwatermark' is higher (1 = off)
+  c.shuffle_buffer = 1000    # samples per shuffled block
+  c.workers = max(1, min(8, os.cpu_count() or 1))  # decoding threads
+  c.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax")  # shapes shards
+  c.shapes = ml_collections.ConfigDict(dict(
+      num=20000,             # examples in the embedded dataset
+      seed=0,                # dataset seed (attributes and colours)
+      split="train",         # 'train' | 'heldout' | 'all' attribute combinations
+      shard_size=1000))      # examples per shard
+  c.tfds = ml_collections.ConfigDict(dict(
+      name="", split="train", image_key="image", label_key="label", caption_key="",
+      data_dir=""))
+  return c
+
+
+class Stats:
+  """Counters of skipped / repaired input; each kind is named in one warning."""
+
+  def __init__(self):
+    self.counts: dict = {}
+    self._warned: set = set()
+
+  def add(self, kind: str, detail: str = "") -> None:
+    self.counts[kind] = self.counts.get(kind, 0) + 1
+    if kind not in self._warned:
+      self._warned.add(kind)
+      log.warning("data: %s (%s); such samples are skipped and counted as data/%s, "
+                  "this is the only warning", kind.replace("_", " "), detail[:200], kind)
+
+
+class WebDatasetIterator:
+  """Host-local batches from webdataset shards; see the module docstring."""
+
+  def __init__(self, cfg, *, batch_size: int, process_index: int = 0, process_count: int = 1,
+               seed: int = 0, urls: Optional[list] = None):
+    self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+    self.p, self.n = process_index, process_count
+    self.urls = urls if urls is not None else shards.list_shards(cfg.shards)
+    if not self.urls:
+      raise ValueError(f"config.data.shards='{cfg.shards}' names no shard")
+    self.stats_ = Stats()
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.workers))
+    self.epoch, self.shard, self.offset, self.emitted = 0, 0, 0, 0
+    self._block: list = []
+    self._next_pos = None
+
+  # -- order ---------------------------------------------------------------------
+  def _epoch_shards(self, epoch: int) -> list:
+    perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+    order = [self.urls[i] for i in perm]
+    return order[self.p::self.n] if len(order) >= self.n else order
+
+  def _raw(self, epoch: int, shard: int, offset: int) -> Iterator[tuple]:
+    """(shard index, offset after it, sample) from a position to the epoch's end."""
+    urls = self._epoch_shards(epoch)
+    split = len(self.urls) < self.n
+    for si in range(shard, len(urls)):
+      j = 0
+      try:
+        for sample in shards.iter_samples(urls[si]):
+          j += 1
+          if j <= (offset if si == shard else 0):
+            continue
+          if split and (j - 1) % self.n != self.p:
+            continue
+          yield si, j, sample
+      except Exception as e:  # missing, unreachable or truncated shard
+        self.stats_.add("bad_shard", f"{urls[si]}: {e}")
+
+  def _fill_block(self) -> None:
+    """Reads the block at (epoch, shard, offset); advances the epoch at its end."""
+    for _ in range(2):
+      raw, end = [], None
+      for si, j, sample in self._raw(self.epoch, self.shard, self.offset):
+        raw.append(sample)
+        end = (si, j)
+        if len(raw) == self.cfg.shuffle_buffer:
+          break
+      if raw:
+        break
+      self.epoch, self.shard, self.offset = self.epoch + 1, 0, 0
+    if not raw:
+      raise ValueError(f"config.data.shards='{self.cfg.shards}': no readable sample in any shard")
+    block_id = (self.shard, self.offset)
+    perm = np.random.default_rng([self.seed, self.epoch, self.p, *block_id]).permutation(len(raw))
+    self._block = [raw[i] for i in perm]
+    self._next_pos = (self.epoch, end[0], end[1]) if len(raw) == self.cfg.shuffle_buffer \
+        else (self.epoch + 1, 0, 0)
+
+  def _decode(self, args):
+    i, sample = args
+    rng = np.random.default_rng([self.seed, hash(sample.get("__key__", "")) & 0x7FFFFFFF, i])
+    counts: dict = {}
+    try:
+      return decode.decode_sample(sample, self.cfg, rng, counts), counts, None
+    except decode.Skip as s:
+      return None, counts, s
+
+  def _examples(self) -> Iterator[dict]:
+    while True:
+      if not self._block or self.emitted >= len(self._block):
+        if self._block:
+          self.epoch, self.shard, self.offset = self._next_pos
+          self.emitted = 0
+        self._fill_block()
+      todo = list(enumerate(self._block))[self.emitted:]
+      for ex, counts, skip in self._pool.map(self._decode, [(self.epoch, smp) for _, smp in todo]):
+        self.emitted += 1
+        for k, v in counts.items():
+          self.stats_.counts[k] = self.stats_.counts.get(k, 0) + v
+        if skip is not None:
+          self.stats_.add(skip.kind, str(skip))
+          continue
+        yield ex
+
+  # -- the iterator protocol -------------------------------------------------------
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if not hasattr(self, "_gen"):
+      self._gen = self._examples()
+    out = []
+    while len(out) < self.batch_size:
+      out.append(next(self._gen))
+    batch = {k: np.stack([e[k] for e in out]) for k in out[0] if k != "caption"}
+    batch["caption"] = np.array([e["caption"] for e in out], object)
+    if "label" in batch:
+      batch["label"] = batch["label"].astype(np.int32)
+    return batch
+
+  def get_state(self) -> dict:
+    """The position after the last returned batch (JSON-able)."""
+    return dict(epoch=self.epoch, shard=self.shard, offset=self.offset,
+                emitted=self.emitted, seed=self.seed, urls=len(self.urls))
+
+  def set_state(self, state: dict) -> None:
+    if state.get("urls", len(self.urls)) != len(self.urls):
+      log.warning("data: the shard list changed since the checkpoint (%s -> %d shards); "
+                  "starting a fresh epoch", state.get("urls"), len(self.urls))
+      return
+    self.epoch, self.shard, self.offset = state["epoch"], state["shard"], state["offset"]
+    self._fill_block()
+    self.emitted = state["emitted"]
+    if hasattr(self, "_gen"):
+      del self._gen
+
+  def stats(self) -> dict:
+    return dict(self.stats_.counts)

@@ -1,0 +1,210 @@
+"""Sampling from a stage-2 checkpoint: load, validate the request, build the
+sharded batch, run the jitted sampler, write PNGs + JSON + a grid.
+
+Everything a request can get wrong is checked before anything is compiled.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from ldm_jax import checkpoint, parallel
+from ldm_jax.training import images as image_io
+
+log = logging.getLogger("ldm_jax")
+
+
+@dataclasses.dataclass
+class Request:
+  prompts: list = dataclasses.field(default_factory=list)
+  negative: list = dataclasses.field(default_factory=list)
+  labels: list = dataclasses.field(default_factory=list)
+  num: int = 4
+  steps: int = 50
+  guidance: Optional[float] = None
+  guidance_rescale: float = 0.0
+  sampler: str = "ddim"
+  eta: float = 0.0
+  seed: int = 0
+  height: Optional[int] = None
+  width: Optional[int] = None
+  init_image: Optional[str] = None
+  strength: float = 0.8
+  mask: Optional[str] = None
+  lowres: Optional[str] = None
+  ema: bool = True
+
+
+def read_prompts(prompts, prompts_file) -> list:
+  out = list(prompts)
+  if prompts_file:
+    with open(prompts_file, encoding="utf-8") as f:
+      out += [line.strip() for line in f if line.strip()]
+  return out
+
+
+def load(ckpt_dir: str, step: Optional[int] = None, devices=None):
+  """(task, state, mesh, config) of a stage-2 checkpoint, restored onto all devices."""
+  from ldm_jax.training.ldm import LDMTask
+  if not os.path.isdir(ckpt_dir) and "://" not in ckpt_dir:
+    raise ValueError(f"no checkpoint folder at '{ckpt_dir}'")
+  ckpt = checkpoint.Checkpointer(ckpt_dir)
+  if ckpt.latest_step() is None:
+    raise ValueError(f"'{ckpt_dir}' holds no complete checkpoint")
+  saved = ckpt.saved_config(step)
+  if not saved or "stage2" not in saved or "ldm" not in saved.get("stages", ()):
+    raise ValueError(f"the checkpoint in '{ckpt_dir}' is not a stage-2 (latent diffusion) model; "
+                     "give the ldm/checkpoints folder of a text-to-image / LDM run")
+  config = ml_collections.ConfigDict(saved)
+  n = len(devices or jax.devices())
+  sizes = [s for _, s in config.mesh]
+  if -1 not in sizes and int(np.prod(sizes)) != n:
+    config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  task = LDMTask(config)
+  mesh = parallel.make_mesh(config, devices)
+  rules = parallel.rules_of(config)
+  abstract, _ = parallel.abstract_state(task.init, jax.random.key(0), mesh, rules)
+  state, _, at = ckpt.restore(abstract, step=step)
+  ckpt.close()
+  log.info("restored step %d from %s", at, ckpt_dir)
+  return task, state, mesh, config
+
+
+def _read_image(path: str, hw: tuple, mode: str, what: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise ValueError(f"{what} '{path}' not found")
+  img = Image.open(path)
+  if mode == "RGB" and img.mode not in ("RGB", "RGBA"):
+    raise ValueError(f"{what} '{path}' has mode {img.mode}; expected an RGB image")
+  img = img.convert(mode)
+  if img.size != (hw[1], hw[0]):
+    raise ValueError(f"{what} '{path}' is {img.size[0]}x{img.size[1]}; expected "
+                     f"{hw[1]}x{hw[0]} (--width x --height)")
+  a = np.asarray(img, np.float32) / 255.0
+  return a[..., None] if a.ndim == 2 else a
+
+
+def build_batch(task, config, req: Request) -> tuple[dict, list]:
+  """The host batch for every image and the list of per-image metadata; raises
+  ValueError on requests the model cannot serve."""
+  c2 = config.stage2
+  cond = task.cond
+  T = task.schedule.T
+  if not 1 <= req.steps <= T:
+    raise ValueError(f"--steps={req.steps} must be in [1, {T}] (the model's training timesteps)")
+  res = config.data.resolution
+  h, w = req.height or res, req.width or res
+  unit = task.first.factor * 2 ** (len(c2.unet.channel_mult) - 1)
+  if h % unit or w % unit:
+    raise ValueError(f"--height/--width {h}x{w} must be multiples of {unit} "
+                     "(first-stage factor x UNet downsampling)")
+  guidance = c2.sample.guidance if req.guidance is None else req.guidance
+  if guidance != 1.0 and req.guidance is not None and not cond.guidable:
+    raise ValueError("--guidance needs a conditional model; this one is unconditional")
+  if cond.context == "text":
+    if not req.prompts:
+      raise ValueError("this is a text-to-image model: give --prompt or --prompts_file")
+    rows = [dict(prompt=p) for p in req.prompts for _ in range(req.num)]
+  elif req.prompts:
+    raise ValueError("this model takes no text prompt (its conditioning is "
+                     f"context='{cond.context}', classes={cond.classes}, concat='{cond.concat}')")
+  elif cond.classes:
+    labels = req.labels or list(range(min(cond.classes, 4)))
+    bad = [l for l in labels if not 0 <= l < cond.classes]
+    if bad:
+      raise ValueError(f"--label {bad} outside [0, {cond.classes})")
+    rows = [dict(label=l) for l in labels for _ in range(req.num)]
+  else:
+    rows = [dict() for _ in range(req.num)]
+  n = len(rows)
+  host = {}
+  if cond.context == "text":
+    host["caption"] = np.array([r["prompt"] for r in rows], object)
+    if req.negative:
+      if len(req.negative) not in (1, len(req.prompts)):
+        raise ValueError("give one --negative_prompt, or one per --prompt")
+      neg = [req.negative[0] if len(req.negative) == 1 else req.negative[i // req.num]
+             for i in range(n)]
+      for r, ng in zip(rows, neg):
+        r["negative_prompt"] = ng
+  if cond.classes:
+    host["label"] = np.array([r["label"] for r in rows], np.int32)
+  batch = task.prepare_batch(host)
+  if req.negative and cond.context == "text":
+    batch["negative"] = cond.tokenizer([r["negative_prompt"] for r in rows])
+  if req.init_image:
+    img = _read_image(req.init_image, (h, w), "RGB", "--init_image") * 2 - 1
+    batch["init_image"] = np.repeat(img[None], n, 0)
+    if cond.concat == "inpaint":
+      batch["image"] = batch["init_image"]
+  if req.mask:
+    if not req.init_image:
+      raise ValueError("--mask needs --init_image")
+    m = _read_image(req.mask, (h, w), "L", "--mask")
+    batch["mask"] = np.repeat((m < 0.5).astype(np.float32)[None], n, 0)  # 1 = keep
+  if cond.concat == "inpaint" and "mask" not in batch:
+    raise ValueError("this is an inpainting model: give --init_image and --mask")
+  if cond.concat == "lowres":
+    if not req.lowres:
+      raise ValueError("this is a super-resolution model: give --lowres")
+    f = cond.lowres_factor
+    low = _read_image(req.lowres, (h // f, w // f), "RGB", "--lowres")
+    up = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC),
+                    np.float32) / 127.5 - 1
+    batch["image"] = np.repeat(up[None], n, 0)
+  if cond.concat == "layout":
+    raise ValueError("layout models sample from a layout map; not available from the command line")
+  settings = dict(steps=req.steps, guidance=guidance, guidance_rescale=req.guidance_rescale,
+                  sampler=req.sampler, eta=req.eta, seed=req.seed, height=h, width=w,
+                  init_image=req.init_image, strength=req.strength, mask=req.mask,
+                  lowres=req.lowres, ema=req.ema)
+  return batch, [dict(r, index=i, **settings) for i, r in enumerate(rows)]
+
+
+def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> np.ndarray:
+  """Images (N, H, W, 3) in [-1, 1] for a host batch of N rows (the same on every
+  process), sharded over all devices and hosts; kw go to `LDMTask.sample`."""
+  n = len(next(iter(batch.values())))
+  dp = parallel.data_parallel_size(mesh)
+  total = -(-n // dp) * dp
+  pad = lambda a: np.concatenate([a, np.repeat(a[-1:], total - n, 0)]) if total > n else a
+  batch = {k: pad(np.asarray(v)) for k, v in batch.items()}
+  per = total // jax.process_count()
+  lo = jax.process_index() * per
+  gbatch = parallel.global_batch({k: v[lo:lo + per] for k, v in batch.items()}, mesh)
+  fn = jax.jit(lambda s, b, r: task.sample(s, b, r, **kw))
+  with parallel.activate(mesh, parallel.rules_of(config)):
+    images = fn(state, gbatch, jax.random.key(seed))
+  return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
+
+
+def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, devices=None) -> list:
+  """Samples `req` from the checkpoint into `out`; returns the written paths (grid last)."""
+  checkpoint.check_writable(out)
+  task, state, mesh, config = load(ckpt_dir, step, devices)
+  batch, meta = build_batch(task, config, req)
+  n = len(meta)
+  images = generate(task, state, mesh, config, batch, seed=req.seed, steps=req.steps,
+                    guidance=meta[0]["guidance"], sampler=req.sampler, eta=req.eta,
+                    use_ema=req.ema, height=meta[0]["height"], width=meta[0]["width"],
+                    strength=req.strength, rescale=req.guidance_rescale)
+  paths = []
+  if jax.process_index() == 0:
+    for m, img in zip(meta, images):
+      base = os.path.join(out, f"{m['index']:05d}")
+      image_io.save_png(img, base + ".png")
+      with open(base + ".json", "w") as f:
+        json.dump(dict(m, checkpoint=os.path.abspath(ckpt_dir)), f, indent=1)
+      paths.append(base + ".png")
+    cols = req.num if n > req.num else None
+    grid_path = os.path.join(out, "grid.png")
+    image_io.save_png(image_io.grid(images, cols=cols), grid_path)
+    paths.append(grid_path)
+  return paths

@@ -1,0 +1,52 @@
+"""python -m ldm_jax.train --config=configs/txt2img.py[:arg] --workdir=DIR [--config.x=y]
+
+Parses flags and calls `train_and_evaluate`; multi-host jobs pass --multihost
+(Cloud TPU finds its peers itself; elsewhere give the coordinator by flags or the
+LDM_COORDINATOR / LDM_NUM_PROCESSES / LDM_PROCESS_ID environment variables).
+"""
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file, e.g. configs/txt2img.py:size=tiny",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else.")
+flags.DEFINE_string("coordinator_address", os.environ.get("LDM_COORDINATOR"), "host:port of process 0.")
+flags.DEFINE_integer("num_processes", int(os.environ.get("LDM_NUM_PROCESSES", "0")) or None,
+                     "Processes in the job.")
+flags.DEFINE_integer("process_id", int(os.environ["LDM_PROCESS_ID"]) if "LDM_PROCESS_ID" in os.environ
+                     else None, "This process's index.")
+FLAGS = flags.FLAGS
+
+
+def _init_distributed():
+  import jax
+  kw = {}
+  if FLAGS.coordinator_address:
+    kw = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+              process_id=FLAGS.process_id)
+  jax.distributed.initialize(**kw)
+
+
+def main(argv):
+  del argv
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/txt2img.py")
+  workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(
+      os.path.basename(FLAGS["config"].config_filename))[0])
+  if FLAGS.multihost:
+    _init_distributed()
+  from ldm_jax.console import setup_logging
+  setup_logging()
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  from ldm_jax.training.run import train_and_evaluate
+  logging.getLogger("ldm_jax").info("workdir: %s", os.path.abspath(workdir))
+  train_and_evaluate(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,213 @@
+"""Stage 2: the latent diffusion model's train state, update step and sampler.
+
+The first stage (autoencoder) is frozen: its weights ride along in the state
+under `frozen` (so a stage-2 checkpoint is all `ldm_jax.sample` needs) and
+z = scale_factor * E(x) is computed inside the jitted step. The condition
+encoder tau is either trained jointly (`params['text']`, the LDM paper's text
+transformer) or frozen (`frozen['text']`, e.g. CLIP).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ldm_jax.diffusion import losses, samplers
+from ldm_jax.diffusion.schedule import make_schedule
+from ldm_jax.training import conditioning, first_stage
+from ldm_jax.training.step import accumulate_gradients
+
+
+def ema_update(ema, params, decay, step):
+  """EMA with the reference's warm-up: decay_t = min(decay, (1 + t) / (10 + t))."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
+def make_optimizer(c) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and global-norm clipping (config.stage2 fields)."""
+  lr = optax.join_schedules([optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1)),
+                             optax.constant_schedule(c.lr)], [max(c.warmup_steps, 1)])
+  return optax.chain(optax.clip_by_global_norm(c.grad_clip),
+                     optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
+
+
+class LDMTask:
+  """eps_theta(z_t, t, tau(y)) on the latents of a frozen first stage."""
+
+  def __init__(self, config):
+    self.config = config
+    c = config.stage2
+    self.c = c
+    self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    self.first = first_stage.FirstStage.from_config(config)
+    self.cond = conditioning.Conditioner.from_config(config, self.first)
+    self.unet = self.cond.make_unet(config)
+    self.schedule = make_schedule(c.schedule.kind, c.schedule.T, c.schedule.linear_start,
+                                  c.schedule.linear_end, c.schedule.zero_terminal_snr)
+    self.tx = make_optimizer(c)
+    res = config.data.resolution
+    if res % self.first.factor:
+      raise ValueError(f"config.data.resolution={res} is not divisible by the first stage's "
+                       f"downsampling factor f={self.first.factor}")
+    self.latent_hw = res // self.first.factor
+
+  # -- state ---------------------------------------------------------------
+  def init(self, rng):
+    r_unet, r_cond, r_first = jax.random.split(rng, 3)
+    b = 1
+    z = jnp.zeros((b, self.latent_hw, self.latent_hw, self.unet.in_channels))
+    trainable_cond, frozen_cond = self.cond.init(r_cond)
+    ctx, y = self.cond.dummy(b)
+    params = {"unet": self.unet.init(r_unet, z, jnp.zeros((b,), jnp.int32), ctx, y)}
+    if trainable_cond is not None:
+      params["cond"] = trainable_cond
+    frozen = {"first_stage": self.first.init(r_first)}
+    if frozen_cond is not None:
+      frozen["cond"] = frozen_cond
+    return dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                opt=self.tx.init(params), frozen=frozen,
+                scale_factor=jnp.ones((), jnp.float32))
+
+  def initial_values(self, state, shardings):
+    """Puts loaded condition-encoder weights (CLIP) into a fresh state."""
+    if self.cond.pretrained is None:
+      return state
+    where = "params" if self.cond.text_trainable else "frozen"
+    key = "cond"
+    loaded = jax.device_put({"params": self.cond.pretrained}, shardings[where][key])
+    state = dict(state, **{where: dict(state[where], **{key: loaded})})
+    if where == "params":
+      state["ema"] = dict(state["ema"], cond=loaded)
+    return state
+
+  # -- training ------------------------------------------------------------
+  def _loss(self, params, batch, rng, frozen, scale_factor):
+    r_enc, r_drop, r_diff, r_dropout = jax.random.split(rng, 4)
+    if "latent" in batch:  # from the latent cache (config.data.source = 'latents')
+      z0 = scale_factor * batch["latent"].astype(jnp.float32)
+    else:
+      z0 = scale_factor * self.first.encode(frozen["first_stage"], batch["image"], r_enc)
+    z0 = jax.lax.stop_gradient(z0)
+    cond = self.cond.encode(params.get("cond"), frozen.get("cond"), batch, r_drop,
+                            drop_prob=self.c.cond_drop, frozen_first=frozen["first_stage"],
+                            scale_factor=scale_factor)
+
+    def model_fn(z_t, t):
+      x = self.cond.join(z_t, cond)
+      return self.unet.apply(params["unet"], x, t, cond.get("context"), cond.get("y"), train=True,
+                             rngs={"dropout": r_dropout})
+
+    per_example = losses.diffusion_loss(model_fn, z0, r_diff, self.schedule,
+                                        prediction_type=self.c.prediction_type,
+                                        weighting=self.c.weighting,
+                                        min_snr_gamma=self.c.min_snr_gamma,
+                                        offset_noise=self.c.offset_noise)
+    loss = jnp.mean(per_example)
+    return loss, {"loss": loss, "latent_std": jnp.std(z0)}
+
+  def update(self, state, batch, rng):
+    loss_fn = lambda p, b, r: self._loss(p, b, r, state["frozen"], state["scale_factor"])
+    loss, aux, grads = accumulate_gradients(loss_fn, state["params"], batch, rng,
+                                            self.config.grad_accum)
+    updates, opt = self.tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = ema_update(state["ema"], params, self.c.ema_decay, state["step"])
+    metrics = dict(aux, grad_norm=optax.global_norm(grads))
+    return dict(state, step=state["step"] + 1, params=params, ema=ema, opt=opt), metrics
+
+  # -- sampling ------------------------------------------------------------
+  def sample(self, state, batch, rng, *, steps=None, guidance=None, sampler=None, eta=0.0,
+             use_ema=True, height=None, width=None, strength=1.0, rescale=0.0):
+    """Images in [-1, 1] for `batch` with classifier-free guidance.
+
+    `batch` holds the condition (tokens / label / image for concat models), and
+    optionally `negative` (tokens of negative prompts), `init_image` (img2img from
+    `strength`) and `mask` (pixel mask, 1 = keep: inpainting with any model; with an
+    inpainting-concat UNet it is also the model's mask input).
+    """
+    s = self.c.sample
+    steps = steps or s.steps
+    guidance = s.guidance if guidance is None else guidance
+    params = state["ema"] if use_ema else state["params"]
+    frozen, scale = state["frozen"], state["scale_factor"]
+    cond = self.cond.encode(params.get("cond"), frozen.get("cond"), batch, None, drop_prob=0.0,
+                            frozen_first=frozen["first_stage"], scale_factor=scale)
+    f = self.first.factor
+    h, w = height or self.latent_hw * f, width or self.latent_hw * f
+    n = self.cond.batch_size(batch)
+    shape = (n, h // f, w // f, self.first.z_channels)
+
+    def apply(z_t, t, c):
+      return self.unet.apply(params["unet"], self.cond.join(z_t, c), t, c.get("context"),
+                             c.get("y"))
+
+    if guidance != 1.0 and self.cond.guidable:
+      uncond = self.cond.null(params.get("cond"), frozen.get("cond"), cond, batch.get("negative"))
+      model_fn = samplers.cfg_model_fn(apply, cond, uncond, guidance, rescale)
+    else:
+      model_fn = lambda z_t, t: apply(z_t, t, cond)
+    init_latent = mask = None
+    if "init_image" in batch:
+      init_latent = scale * self.first.encode(frozen["first_stage"], batch["init_image"], None)
+    if "mask" in batch and self.cond.concat != "inpaint":
+      if init_latent is None:
+        raise ValueError("inpainting needs an init image")
+      m = batch["mask"]
+      mask = jax.image.resize(m, (n, shape[1], shape[2], 1), "linear", antialias=True)
+      mask = (mask > 0.5).astype(jnp.float32)  # keep only latents wholly inside the known region
+    z0 = samplers.sample(model_fn, shape, rng, self.schedule, sampler=sampler or s.sampler,
+                         steps=steps, eta=eta, prediction_type=self.c.prediction_type,
+                         init_latent=init_latent, strength=strength if mask is None else 1.0,
+                         mask=mask)
+    return self.first.decode(frozen["first_stage"], z0 / scale)
+
+  def prepare_batch(self, host_batch):
+    return self.cond.prepare(host_batch)
+
+
+def sample_prompts_batch(task: LDMTask, n: int) -> dict:
+  """The fixed host batch used for the periodic sample grids."""
+  return task.cond.fixed_batch(n)
+
+
+def to_numpy_images(images) -> np.ndarray:
+  return np.asarray(jax.device_get(images), np.float32)
+
+
+PROMPTS = ("a photograph of an astronaut riding a horse",
+           "a watercolour painting of a lighthouse at dawn",
+           "a red bicycle leaning against a brick wall",
+           "a bowl of ramen, studio lighting")
+
+
+def default_config(size: str = "tiny", *, context: str = "text", classes: int = 0,
+                   concat: str = "none"):
+  """`config.stage2` for the UNet preset `size` (each field commented)."""
+  import ml_collections
+  from ldm_jax.models import unet as unet_lib
+  c = ml_collections.ConfigDict()
+  c.unet = ml_collections.ConfigDict(unet_lib.preset(size))  # UNetModel kwargs (in/out channels set from the first stage)
+  c.text = conditioning.text_config(size)          # tokenizer + tau (from-scratch or CLIP)
+  c.conditioning = ml_collections.ConfigDict(dict(
+      context=context,        # 'text' (cross-attention) | 'none'
+      classes=classes,        # class labels for 'adm' conditioning (0 = none)
+      concat=concat,          # 'none' | 'lowres' | 'inpaint' | 'layout'
+      lowres_factor=4))       # super-resolution: the low-res image is 1/lowres_factor
+  c.schedule = ml_collections.ConfigDict(dict(
+      kind="linear", T=1000, linear_start=0.00085, linear_end=0.012,  # SD's scaled-linear
+      zero_terminal_snr=False))
+  c.prediction_type = "eps"   # eps | v | x0
+  c.weighting = "simple"      # simple | min_snr
+  c.min_snr_gamma = 5.0
+  c.offset_noise = 0.0        # offset-noise scale (0 = off)
+  c.cond_drop = 0.1           # P(condition replaced by the null condition): classifier-free guidance
+  c.ema_decay = 0.9999        # EMA of the weights (with the reference's warm-up)
+  c.lr = 1e-4
+  c.warmup_steps = 1000
+  c.weight_decay = 0.0
+  c.grad_clip = 1.0
+  c.scale_factor = 0.0        # z = scale_factor * E(x); 0 = estimate 1/std(z) after stage 1
+  c.first_stage_workdir = ""  # a stage-1 workdir to take the autoencoder from ("" = this run's)
+  c.sample = ml_collections.ConfigDict(dict(
+      steps=50, guidance=5.0, sampler="ddim", prompts=PROMPTS))
+  return c
