@@ -1,7 +1,7 @@
 """The frozen first stage as stage 2 sees it: z = E(x) and x = D(z).
 
 KL models give a sample of the posterior (as the reference's
-`get_first_stage_encoding`); VQ models give the latent *before* quantisation,
+`get_first_stage_encoding`), or its mode when stage 1 trained on the mode; VQ models give the latent *before* quantisation,
 and decoding quantises it first.
 """
 import dataclasses
@@ -16,6 +16,7 @@ class FirstStage:
   kind: str                 # 'kl' | 'vq'
   model: object             # AutoencoderKL | VQModel
   resolution: int
+  sample_posterior: bool = True  # KL: z is a posterior sample (reference) or its mode
 
   @classmethod
   def from_config(cls, config):
@@ -23,7 +24,7 @@ class FirstStage:
     kw = dict(s1.model)
     kw["dtype"] = jnp.bfloat16 if config.dtype == "bfloat16" else None
     model = autoencoder.AutoencoderKL(**kw) if s1.kind == "kl" else autoencoder.VQModel(**kw)
-    return cls(s1.kind, model, config.data.resolution)
+    return cls(s1.kind, model, config.data.resolution, bool(s1.get("sample_posterior", True)))
 
   @property
   def factor(self) -> int:
@@ -41,7 +42,7 @@ class FirstStage:
     """x in [-1, 1] -> unscaled latent z; a posterior sample when rng is given."""
     if self.kind == "kl":
       post = self.model.apply(variables, x, method=self.model.encode)
-      return post.sample(rng) if rng is not None else post.mode()
+      return post.sample(rng) if rng is not None and self.sample_posterior else post.mode()
     return self.model.apply(variables, x, method=self.model.encode)
 
   def decode(self, variables, z):

@@ -117,7 +117,7 @@ def run(task, config, workdir: str, make_data: Callable, *,
     log.info("mesh %s, %d processes, batch %d (%d per process)", dict(mesh.shape),
              jax.process_count(), config.batch_size, per_process)
     n_params = parameter_overview.count_parameters(state["params"])
-    log.info("trainable parameters: %s (the table is at debug level)", f"{n_params:,}")
+    log.info("trainable parameters: %s (the table is at debug level)", f"{int(n_params):,}")
     log.debug("parameters:\n%s", parameter_overview.get_parameter_overview(
         state["params"], include_stats=False))
   it = make_data(data_state, per_process)
