@@ -186,3 +186,19 @@ def test_tfds_builds_from_a_real_dataset(tmp_path):
   c.tfds.name = "this_dataset_does_not_exist"
   with pytest.raises(Exception):
     data.make_iterator(c, batch_size=2)
+
+
+def test_shapes_captions_round_trip_and_classifier_reads_renders():
+  for i in range(40):
+    img, cap, meta = shapes.example(3, i, 32)
+    a = shapes.parse_caption(cap)
+    assert (a.kind, a.colour, a.size, a.position, a.background) == tuple(
+        meta[k] for k in ("kind", "colour", "size", "position", "background"))
+    got = shapes.classify_image(img)
+    assert (got.kind, got.colour, got.size, got.position, got.background) == (
+        a.kind, a.colour, a.size, a.position, a.background), cap
+  assert shapes.sample_attrs(1, 5) == shapes.sample_attrs(1, 5)  # deterministic
+  held = [shapes.sample_attrs(0, i, "heldout") for i in range(20)]
+  assert all(shapes.split_of(a) == "heldout" for a in held)
+  with pytest.raises(ValueError, match="not a shapes caption"):
+    shapes.parse_caption("a photo of a cat")

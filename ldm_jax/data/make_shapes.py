@@ -56,7 +56,7 @@ def ensure_shapes_shards(cache_dir: str, num: int, resolution: int, seed: int = 
   Written into a temporary folder and renamed when complete, so an interrupted
   write is never read and concurrent processes do not collide.
   """
-  name = f"shapes-r{resolution}-n{num}-s{seed}-{split}-k{shard_size}"
+  name = f"shapes-v{shapes.VERSION}-r{resolution}-n{num}-s{seed}-{split}-k{shard_size}"
   final = os.path.join(cache_dir, name)
   n_shards = max(1, -(-num // shard_size))
   pattern = os.path.join(final, "shapes-{%05d..%05d}.tar" % (0, n_shards - 1))

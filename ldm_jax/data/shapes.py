@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+VERSION = 2  # bump when rendering changes: cached shards are keyed by it
+
 KINDS = ("circle", "square", "triangle", "star", "cross")
 COLOURS = {  # name -> RGB; far apart so that the nearest palette entry is unambiguous
     "red": (220, 40, 40),
@@ -47,7 +49,7 @@ SPLITS = ("train", "heldout", "all")
 HELDOUT_PERCENT = 10  # share of (kind, colour, position, background) combinations held out
 
 # Half-extent of a shape as a fraction of the image side; a grid cell has half-extent 1/6.
-_HALF = {"small": 0.10, "large": 0.15}
+_HALF = {"small": 0.12, "large": 0.19}
 _JITTER = 0.012  # max centre offset (fraction of the side): positions are not pixel-exact
 _COLOUR_JITTER = 12  # max per-channel colour offset, so colour is a class, not one value
 
