@@ -32,6 +32,7 @@ flags.DEFINE_string("init_image", None, "img2img / inpainting source image (PNG/
 flags.DEFINE_float("strength", 0.8, "img2img strength in [0, 1].")
 flags.DEFINE_string("mask", None, "Inpainting mask image: white = repaint, black = keep.")
 flags.DEFINE_string("lowres", None, "Super-resolution models: the low-resolution image.")
+flags.DEFINE_string("layout", None, "Layout-to-image models: the semantic / layout map image.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights.")
 flags.DEFINE_string("out", "samples", "Output folder.")
 FLAGS = flags.FLAGS
@@ -50,7 +51,7 @@ def main(argv):
       steps=FLAGS.steps, guidance=FLAGS.guidance, guidance_rescale=FLAGS.guidance_rescale,
       sampler=FLAGS.sampler, eta=FLAGS.eta, seed=FLAGS.seed, height=FLAGS.height,
       width=FLAGS.width, init_image=FLAGS.init_image, strength=FLAGS.strength, mask=FLAGS.mask,
-      lowres=FLAGS.lowres, ema=FLAGS.ema)
+      lowres=FLAGS.lowres, layout=FLAGS.layout, ema=FLAGS.ema)
   ckpt_dir = FLAGS.checkpoint or (os.path.join(FLAGS.workdir, "ldm", "checkpoints")
                                   if FLAGS.workdir else None)
   if ckpt_dir is None:

@@ -39,6 +39,7 @@ class Request:
   strength: float = 0.8
   mask: Optional[str] = None
   lowres: Optional[str] = None
+  layout: Optional[str] = None
   ema: bool = True
 
 
@@ -160,11 +161,15 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
                     np.float32) / 127.5 - 1
     batch["image"] = np.repeat(up[None], n, 0)
   if cond.concat == "layout":
-    raise ValueError("layout models sample from a layout map; not available from the command line")
+    if not req.layout:
+      raise ValueError("this is a layout-to-image model: give --layout (a semantic map image)")
+    lay = _read_image(req.layout, (h, w), "RGB", "--layout") * 2 - 1
+    batch["layout"] = np.repeat(lay[None], n, 0)
+    batch["image"] = np.zeros_like(batch["layout"])  # only its shape is used
   settings = dict(steps=req.steps, guidance=guidance, guidance_rescale=req.guidance_rescale,
                   sampler=req.sampler, eta=req.eta, seed=req.seed, height=h, width=w,
                   init_image=req.init_image, strength=req.strength, mask=req.mask,
-                  lowres=req.lowres, ema=req.ema)
+                  lowres=req.lowres, layout=req.layout, ema=req.ema)
   return batch, [dict(r, index=i, **settings) for i, r in enumerate(rows)]
 
 

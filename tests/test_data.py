@@ -66,6 +66,31 @@ def test_shapes_shards_stream(tmp_path):
   np.testing.assert_array_equal(next(it2)["image"], b["image"])
 
 
+def test_layout_maps_get_the_image_crop_and_flip(tmp_path):
+  # shapes shards carry key.seg.png: the shape's region in its kind's colour
+  pattern = make_shapes.write_shards(str(tmp_path / "s"), 8, 32, shard_size=8)
+  b = next(data.make_iterator(cfg(source="wds", shards=pattern, resolution=32,
+                                  layout_ext="seg.png", shuffle_buffer=1), batch_size=8))
+  for i in range(8):
+    want = shapes.layout_map(shapes.sample_attrs(0, i, "train"), 32)
+    np.testing.assert_allclose(b["layout"][i], want / 127.5 - 1.0, atol=1e-6)
+  # a wide image and its map, randomly cropped and flipped: the same geometry for both
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (16, 40, 3), np.uint8)
+  seg = (img // 128 * 255).astype(np.uint8)  # only 0 / 255 values
+  write_tar(str(tmp_path / "w.tar"), [("a.png", _png(Image.fromarray(img))),
+                                      ("a.seg.png", _png(Image.fromarray(seg))),
+                                      ("a.txt", b"x"), ("b.png", _png(Image.fromarray(img))),
+                                      ("b.txt", b"no map")])
+  it = data.make_iterator(cfg(source="wds", shards=str(tmp_path / "w.tar"), resolution=16,
+                              crop="random", flip=True, layout_ext="seg.png"), batch_size=1)
+  b = next(it)
+  got_img = np.round((b["image"][0] + 1) * 127.5).astype(np.uint8)
+  np.testing.assert_array_equal((got_img // 128 * 255), np.round((b["layout"][0] + 1) * 127.5))
+  next(it)  # past 'b' in any order
+  assert it.stats()["no_layout"] >= 1  # 'b' has no map: skipped and counted
+
+
 def test_make_shapes_cli(tmp_path):
   out = subprocess.run([sys.executable, "-m", "ldm_jax.data.make_shapes", "--out", str(tmp_path),
                         "--num", "5", "--resolution", "32"], capture_output=True, text=True)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_jax import checkpoint, config_lib, parallel, sampling
+from ldm_jax.data import shapes
 from ldm_jax.training.ldm import LDMTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +112,15 @@ def test_img2img_strength_zero_returns_the_reconstruction(txt2img_ckpt, tmp_path
   z = state["scale_factor"] * task.first.encode(state["frozen"]["first_stage"], x, None)
   rec = task.first.decode(state["frozen"]["first_stage"], z / state["scale_factor"])
   np.testing.assert_allclose(out, np.asarray(rec), atol=1e-5)
+
+
+def test_layout_model_samples_from_a_map(tmp_path):
+  path = str(tmp_path / "ckpt")
+  _save_untrained(load_config("layout"), path)
+  with pytest.raises(ValueError, match="--layout"):
+    sampling.run(path, sampling.Request(steps=2), str(tmp_path / "o"))
+  Image.fromarray(shapes.layout_map(shapes.sample_attrs(0, 0), 32)).save(tmp_path / "m.png")
+  paths = sampling.run(path, sampling.Request(layout=str(tmp_path / "m.png"), num=2, steps=2),
+                       str(tmp_path / "o"))
+  assert len(paths) == 3
+  assert json.load(open(str(tmp_path / "o" / "00000.json")))["layout"].endswith("m.png")

@@ -45,6 +45,33 @@ def decode_image(data: bytes) -> Image.Image:
   return to_rgb(img)
 
 
+def crop_geometry(size: tuple, resolution: int, crop: str, flip: bool,
+                  rng: np.random.Generator) -> tuple:
+  """(resized w, h, crop x0, y0, flipped) for an image of `size`: drawn once per
+  sample so that an image and its layout map get the same crop and flip."""
+  w, h = size
+  s = resolution / min(w, h)
+  nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+  if crop == "random":
+    x0, y0 = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
+  else:
+    x0, y0 = (nw - resolution) // 2, (nh - resolution) // 2
+  return nw, nh, x0, y0, bool(flip and rng.random() < 0.5)
+
+
+def apply_geometry(img: Image.Image, geometry: tuple, resolution: int,
+                   nearest: bool = False) -> np.ndarray:
+  """Resizes, crops and flips `img` as `geometry` says. Label maps use `nearest`
+  so that no new (in-between) classes appear at their edges."""
+  nw, nh, x0, y0, flipped = geometry
+  if (nw, nh) != img.size:
+    upscaled = nw > img.size[0]
+    img = img.resize((nw, nh), Image.NEAREST if nearest else
+                     (Image.BICUBIC if upscaled else Image.LANCZOS))
+  a = np.asarray(img.crop((x0, y0, x0 + resolution, y0 + resolution)))
+  return a[:, ::-1] if flipped else a
+
+
 def resize_crop(img: Image.Image, resolution: int, crop: str, flip: bool,
                 rng: np.random.Generator) -> tuple[np.ndarray, bool]:
   """Shorter side -> resolution (antialiased), then a centre or random square crop.
@@ -52,20 +79,8 @@ def resize_crop(img: Image.Image, resolution: int, crop: str, flip: bool,
   Returns:
     (uint8 HxWx3, whether the image had to be upscaled).
   """
-  w, h = img.size
-  upscaled = min(w, h) < resolution
-  s = resolution / min(w, h)
-  nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-  if (nw, nh) != (w, h):
-    img = img.resize((nw, nh), Image.BICUBIC if upscaled else Image.LANCZOS)
-  if crop == "random":
-    x0, y0 = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
-  else:
-    x0, y0 = (nw - resolution) // 2, (nh - resolution) // 2
-  a = np.asarray(img.crop((x0, y0, x0 + resolution, y0 + resolution)))
-  if flip and rng.random() < 0.5:
-    a = a[:, ::-1]
-  return a, upscaled
+  geometry = crop_geometry(img.size, resolution, crop, flip, rng)
+  return apply_geometry(img, geometry, resolution), min(img.size) < resolution
 
 
 def read_text(data: Optional[bytes], counts: dict) -> Optional[str]:
@@ -131,12 +146,23 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
     caption = ""
   img = decode_image(sample[ext])
   check_filters(meta, img.size, cfg)
-  a, upscaled = resize_crop(img, cfg.resolution, cfg.crop, cfg.flip, rng)
-  if upscaled:
+  geometry = crop_geometry(img.size, cfg.resolution, cfg.crop, cfg.flip, rng)
+  a = apply_geometry(img, geometry, cfg.resolution)
+  if min(img.size) < cfg.resolution:
     counts["upscaled"] = counts.get("upscaled", 0) + 1
+  out = {}
+  if cfg.layout_ext:  # a semantic / layout map beside the image, cropped the same way
+    if cfg.layout_ext not in sample:
+      raise Skip("no_layout", sample.get("__key__", "?"))
+    layout = decode_image(sample[cfg.layout_ext])
+    if layout.size != img.size:
+      raise Skip("layout_size", f"{sample.get('__key__', '?')}: layout {layout.size} != image {img.size}")
+    out["layout"] = apply_geometry(layout, geometry, cfg.resolution, nearest=True
+                                   ).astype(np.float32) / 127.5 - 1.0
   label = meta.get(cfg.label_key, -1) if cfg.label_key else -1
   try:
     label = int(label)
   except (TypeError, ValueError):
     label = -1
-  return {"image": a.astype(np.float32) / 127.5 - 1.0, "caption": str(caption), "label": label}
+  return {"image": a.astype(np.float32) / 127.5 - 1.0, "caption": str(caption), "label": label,
+          **out}

@@ -1,7 +1,8 @@
 """python -m ldm_jax.data.make_shapes --out DIR --num N --resolution R
 
 Writes the embedded shapes dataset as webdataset shards (key.png + key.txt +
-key.json), the same format LAION data comes in, so the default run streams
+key.json + key.seg.png, the semantic map that configs/layout.py conditions on),
+the same format LAION data comes in, so the default run streams
 through exactly the path real data takes.
 """
 import argparse
@@ -45,6 +46,10 @@ def write_shards(out: str, num: int, resolution: int, *, seed: int = 0, split: s
         _add(tar, f"{key}.{ext}", buf.getvalue())
         _add(tar, f"{key}.txt", cap.encode())
         _add(tar, f"{key}.json", json.dumps(meta).encode())
+        seg = io.BytesIO()  # the layout / semantic map (configs/layout.py)
+        Image.fromarray(shapes.layout_map(shapes.sample_attrs(seed, i, split), resolution)
+                        ).save(seg, format="PNG")
+        _add(tar, f"{key}.seg.png", seg.getvalue())
     os.replace(tmp, path)
   return os.path.join(out, "shapes-{%05d..%05d}.tar" % (0, n_shards - 1))
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = 2  # bump when rendering changes: cached shards are keyed by it
+VERSION = 3  # bump when rendering changes: cached shards are keyed by it
 
 KINDS = ("circle", "square", "triangle", "star", "cross")
 COLOURS = {  # name -> RGB; far apart so that the nearest palette entry is unambiguous
@@ -208,6 +208,22 @@ def render(attrs: Attrs, resolution: int, *, colour_seed: int | None = None) -> 
     fg, bg = _jittered_rgb(attrs.colour, [colour_seed, 0]), _jittered_rgb(attrs.background, [colour_seed, 1])
   img = alpha * fg + (1.0 - alpha) * bg
   return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+# Semantic-map colours of the layout task: one per kind, background black.
+LAYOUT_COLOURS = {"circle": (255, 0, 0), "square": (0, 255, 0), "triangle": (0, 0, 255),
+                  "star": (255, 255, 0), "cross": (0, 255, 255)}
+
+
+def layout_map(attrs: Attrs, resolution: int) -> np.ndarray:
+  """The semantic map of `attrs` (uint8 HxWx3): the shape's region (coverage >= 1/2)
+  in its kind's LAYOUT_COLOURS entry on black; colours are left to the model."""
+  fx, fy = _cell_centre(attrs.position)
+  cx, cy = (fx + attrs.dx) * resolution, (fy + attrs.dy) * resolution
+  inside = _mask(attrs.kind, _HALF[attrs.size] * resolution, cx, cy, resolution) >= 0.5
+  out = np.zeros((resolution, resolution, 3), np.uint8)
+  out[inside] = LAYOUT_COLOURS[attrs.kind]
+  return out
 
 
 def example(seed: int, index: int, resolution: int, split: str = "train"):

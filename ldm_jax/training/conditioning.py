@@ -110,7 +110,10 @@ class Conditioner:
       raise ValueError(f"config.stage2.conditioning.context must be 'text' or 'none', got {c.context!r}")
     if c.concat not in CONCAT_KINDS:
       raise ValueError(f"config.stage2.conditioning.concat must be one of {CONCAT_KINDS}, got {c.concat!r}")
-    tokenizer = model = None
+    if c.concat == "layout" and config.data.source != "latents" and not config.data.get("layout_ext"):
+      raise ValueError("config.stage2.conditioning.concat='layout' needs config.data.layout_ext "
+                       "(the extension of the layout map beside each image, e.g. 'seg.png')")
+    tokenizer = model = pretrained = None
     trainable = False
     if c.context == "text":
       tokenizer, model, trainable, pretrained = text_from_config(config.stage2.text, config.dtype)
