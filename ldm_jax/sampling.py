@@ -137,6 +137,12 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
         r["negative_prompt"] = ng
   if cond.classes:
     host["label"] = np.array([r["label"] for r in rows], np.int32)
+  if cond.concat == "layout":
+    if not req.layout:
+      raise ValueError("this is a layout-to-image model: give --layout (a semantic map image)")
+    lay = _read_image(req.layout, (h, w), "RGB", "--layout") * 2 - 1
+    host["layout"] = np.repeat(lay[None], n, 0)
+    host["image"] = np.zeros_like(host["layout"])  # only its shape is used
   batch = task.prepare_batch(host)
   if req.negative and cond.context == "text":
     batch["negative"] = cond.tokenizer([r["negative_prompt"] for r in rows])
@@ -160,12 +166,6 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
     up = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC),
                     np.float32) / 127.5 - 1
     batch["image"] = np.repeat(up[None], n, 0)
-  if cond.concat == "layout":
-    if not req.layout:
-      raise ValueError("this is a layout-to-image model: give --layout (a semantic map image)")
-    lay = _read_image(req.layout, (h, w), "RGB", "--layout") * 2 - 1
-    batch["layout"] = np.repeat(lay[None], n, 0)
-    batch["image"] = np.zeros_like(batch["layout"])  # only its shape is used
   settings = dict(steps=req.steps, guidance=guidance, guidance_rescale=req.guidance_rescale,
                   sampler=req.sampler, eta=req.eta, seed=req.seed, height=h, width=w,
                   init_image=req.init_image, strength=req.strength, mask=req.mask,

@@ -96,7 +96,8 @@ def test_make_shapes_cli(tmp_path):
                         "--num", "5", "--resolution", "32"], capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   with tarfile.open(tmp_path / "shapes-00000.tar") as t:
-    assert sorted(m.name for m in t)[:3] == ["00000000.json", "00000000.png", "00000000.txt"]
+    assert sorted(m.name for m in t)[:4] == ["00000000.json", "00000000.png", "00000000.seg.png",
+                                             "00000000.txt"]
 
 
 def test_resume_is_exact(tmp_path):

@@ -24,11 +24,18 @@ def load_config(name, arg=None):
 
 
 def _save_untrained(config, path):
-  """A stage-2 checkpoint with random weights (sampling does not care what they are)."""
+  """A stage-2 checkpoint with random weights (sampling does not care what they are),
+  drawn on the host: compiling the models' initialisers would cost far more."""
   c2 = config_lib.for_stage(config, "stage2")
   task = LDMTask(c2)
   mesh = parallel.make_mesh(c2)
-  state, _ = parallel.create_sharded(task.init, jax.random.key(0), mesh, parallel.rules_of(c2))
+  abstract, _ = parallel.abstract_state(task.init, jax.random.key(0), mesh, parallel.rules_of(c2))
+  rng = np.random.default_rng(0)
+  def fill(a):
+    if a.ndim == 0 or not np.issubdtype(a.dtype, np.floating):  # step, scale_factor
+      return np.ones(a.shape, a.dtype)
+    return (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
+  state = jax.tree.map(lambda a: jax.device_put(fill(a), a.sharding), abstract)
   ck = checkpoint.Checkpointer(path)
   ck.save(0, state, {}, config_lib.to_dict(c2))
   ck.close()
