@@ -31,9 +31,20 @@ _RUNTIME_FIELDS = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "samp
 # txt2img state on 8 devices). Arrays under 4 MiB per replica are written whole
 # by one replica; big ones (a pod's real weights) are still split.
 _MIN_REPLICA_SLICE_BYTES = 4 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES), override=True)
+
+def _register_array_handler():
+  from absl import logging as absl_logging
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # the override is meant: no warning
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES), override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
 
 
 def _allgather_json(obj) -> list:
@@ -56,6 +67,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   diffs = []
   for key in sorted(set(flat_s) | set(flat_c)):
     if key.split(".")[0] in _RUNTIME_FIELDS or key.split(".")[-1] in _RUNTIME_FIELDS:
+      continue
+    if key.split(".")[0] not in current:  # a section this stage does not use (stage 1: stage2)
       continue
     a, b = flat_s.get(key, "<absent>"), flat_c.get(key, "<absent>")
     if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):

@@ -71,8 +71,16 @@ SPINE_FIELDS = tuple(spine().keys())
 
 def for_stage(config, name: str) -> ml_collections.ConfigDict:
   """The config one stage trains with: the spine fields, overridden by the ones
-  that `config[name]` sets (e.g. stage1.total_steps, stage2.batch_size)."""
-  c = ml_collections.ConfigDict(config.to_dict())
+  that `config[name]` sets (e.g. stage1.total_steps, stage2.batch_size).
+
+  Stage 1 does not see `stage2`: a trained autoencoder stays valid (and its
+  checkpoint compatible) when only the diffusion model's settings change.
+  Stage 2 keeps `stage1`, whose model it carries frozen.
+  """
+  d = config.to_dict()
+  if name == "stage1":
+    d.pop("stage2", None)
+  c = ml_collections.ConfigDict(d)
   for k, v in config[name].items():
     if k in SPINE_FIELDS:
       c[k] = v

@@ -153,3 +153,14 @@ def test_incompatible_checkpoint_is_named(tmp_path):
   config.width = 64  # a model field the checkpoint does not have
   with pytest.raises(ValueError, match="width"):
     loop.run(toy.ToyTask(config), config, str(tmp_path / "w"), toy.make_data(config))
+
+
+def test_lr_schedules():
+  from ldm_jax.training.step import lr_schedule
+  cos = lr_schedule(1e-3, warmup_steps=10, total_steps=110, decay="cosine")
+  np.testing.assert_allclose([cos(0), cos(5), cos(10), cos(60), cos(110)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+  const = lr_schedule(1e-3, warmup_steps=0, total_steps=110, decay="constant")
+  assert float(const(0)) == float(const(100)) == 1e-3
+  with pytest.raises(ValueError, match="lr_decay"):
+    lr_schedule(1e-3, warmup_steps=0, total_steps=10, decay="linear")

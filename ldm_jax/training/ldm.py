@@ -14,7 +14,7 @@ import optax
 from ldm_jax.diffusion import losses, samplers
 from ldm_jax.diffusion.schedule import make_schedule
 from ldm_jax.training import conditioning, first_stage
-from ldm_jax.training.step import accumulate_gradients
+from ldm_jax.training.step import accumulate_gradients, lr_schedule
 
 
 def ema_update(ema, params, decay, step):
@@ -23,10 +23,14 @@ def ema_update(ema, params, decay, step):
   return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
 
 
-def make_optimizer(c) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and global-norm clipping (config.stage2 fields)."""
-  lr = optax.join_schedules([optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1)),
-                             optax.constant_schedule(c.lr)], [max(c.warmup_steps, 1)])
+def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, constant or cosine lr, and global-norm clipping
+  (config.stage2 fields)."""
+  try:
+    lr = lr_schedule(c.lr, warmup_steps=c.warmup_steps, total_steps=total_steps,
+                     decay=c.get("lr_decay", "constant"))
+  except ValueError as e:
+    raise ValueError(f"config.stage2.{e}") from None
   return optax.chain(optax.clip_by_global_norm(c.grad_clip),
                      optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
 
@@ -44,7 +48,7 @@ class LDMTask:
     self.unet = self.cond.make_unet(config)
     self.schedule = make_schedule(c.schedule.kind, c.schedule.T, c.schedule.linear_start,
                                   c.schedule.linear_end, c.schedule.zero_terminal_snr)
-    self.tx = make_optimizer(c)
+    self.tx = make_optimizer(c, int(config.total_steps))
     res = config.data.resolution
     if res % self.first.factor:
       raise ValueError(f"config.data.resolution={res} is not divisible by the first stage's "
@@ -204,6 +208,7 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   c.ema_decay = 0.9999        # EMA of the weights (with the reference's warm-up)
   c.lr = 1e-4
   c.warmup_steps = 1000
+  c.lr_decay = "constant"     # after warm-up: 'constant' (the reference) | 'cosine' (to 0 at total_steps)
   c.weight_decay = 0.0
   c.grad_clip = 1.0
   c.scale_factor = 0.0        # z = scale_factor * E(x); 0 = estimate 1/std(z) after stage 1

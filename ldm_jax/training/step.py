@@ -24,6 +24,26 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
+
+LR_DECAYS = ("constant", "cosine")
+
+
+def lr_schedule(peak: float, *, warmup_steps: int, total_steps: int, decay: str,
+                final_ratio: float = 0.0) -> optax.Schedule:
+  """Linear warm-up to `peak`, then constant or a cosine to `final_ratio * peak`
+  at `total_steps` (the field that names it is in the error)."""
+  if decay not in LR_DECAYS:
+    raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+  warm = max(int(warmup_steps), 1)
+  if decay == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0 if warmup_steps else peak, peak, warm,
+                                              max(int(total_steps), warm + 1),
+                                              end_value=final_ratio * peak)
+  if not warmup_steps:
+    return optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm),
+                               optax.constant_schedule(peak)], [warm])
 
 
 def accumulate_gradients(loss_fn: Callable, params, batch: dict, rng, num_micro: int):
