@@ -24,7 +24,6 @@ flags.DEFINE_integer("chunk", 50, "Images per sampling call.")
 flags.DEFINE_string("out", None, "Where to write results.json and grid.png (default: workdir/eval).")
 FLAGS = flags.FLAGS
 
-ATTRIBUTES = ("colour", "kind", "position", "size", "background")
 
 
 def heldout_prompts(num: int, seed: int):
@@ -38,7 +37,7 @@ def score(attrs, images) -> dict:
   from ldm_jax.data import shapes
   got = [shapes.classify_image(img) for img in images]
   acc = {k: float(np.mean([getattr(g, k) == getattr(a, k) for g, a in zip(got, attrs)]))
-         for k in ATTRIBUTES}
+         for k in shapes.ATTRIBUTES}
   acc["colour+kind+position"] = float(np.mean(
       [all(getattr(g, k) == getattr(a, k) for k in ("colour", "kind", "position"))
        for g, a in zip(got, attrs)]))

@@ -5,7 +5,6 @@ all devices and hosts with one jitted lax.scan sampler, and writes one PNG and
 one JSON (every setting) per image plus a grid. The same seed gives the same
 images on any number of devices: the noise is drawn for the global batch.
 """
-import json
 import logging
 import os
 import time
@@ -35,6 +34,9 @@ flags.DEFINE_string("lowres", None, "Super-resolution models: the low-resolution
 flags.DEFINE_string("layout", None, "Layout-to-image models: the semantic / layout map image.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights.")
 flags.DEFINE_string("out", "samples", "Output folder.")
+# Every two-word flag also answers to its hyphenated spelling (--init-image = --init_image).
+for _name in ("prompts_file", "negative_prompt", "guidance_rescale", "init_image"):
+  flags.DEFINE_alias(_name.replace("_", "-"), _name)
 FLAGS = flags.FLAGS
 
 

@@ -10,7 +10,6 @@ import os
 from typing import Optional
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -53,29 +52,10 @@ def read_prompts(prompts, prompts_file) -> list:
 
 def load(ckpt_dir: str, step: Optional[int] = None, devices=None):
   """(task, state, mesh, config) of a stage-2 checkpoint, restored onto all devices."""
+  from ldm_jax.evaluation.restore import restore
   from ldm_jax.training.ldm import LDMTask
-  if not os.path.isdir(ckpt_dir) and "://" not in ckpt_dir:
-    raise ValueError(f"no checkpoint folder at '{ckpt_dir}'")
-  ckpt = checkpoint.Checkpointer(ckpt_dir)
-  if ckpt.latest_step() is None:
-    raise ValueError(f"'{ckpt_dir}' holds no complete checkpoint")
-  saved = ckpt.saved_config(step)
-  if not saved or "stage2" not in saved or "ldm" not in saved.get("stages", ()):
-    raise ValueError(f"the checkpoint in '{ckpt_dir}' is not a stage-2 (latent diffusion) model; "
-                     "give the ldm/checkpoints folder of a text-to-image / LDM run")
-  config = ml_collections.ConfigDict(saved)
-  n = len(devices or jax.devices())
-  sizes = [s for _, s in config.mesh]
-  if -1 not in sizes and int(np.prod(sizes)) != n:
-    config.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
-  task = LDMTask(config)
-  mesh = parallel.make_mesh(config, devices)
-  rules = parallel.rules_of(config)
-  abstract, _ = parallel.abstract_state(task.init, jax.random.key(0), mesh, rules)
-  state, _, at = ckpt.restore(abstract, step=step)
-  ckpt.close()
-  log.info("restored step %d from %s", at, ckpt_dir)
-  return task, state, mesh, config
+  return restore(ckpt_dir, LDMTask, stage="ldm", what="ldm/checkpoints folder of a text-to-image / LDM run",
+                 step=step, devices=devices)
 
 
 def _read_image(path: str, hw: tuple, mode: str, what: str) -> np.ndarray:

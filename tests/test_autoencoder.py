@@ -45,7 +45,7 @@ def test_matches_diffusers_autoencoder_kl():
 
 
 def test_checkpoint_of_other_config_fails_with_names():
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   ref = diffusers.AutoencoderKL(latent_channels=8, layers_per_block=1, block_out_channels=(32, 64),
                                 down_block_types=("DownEncoderBlock2D",) * 2,

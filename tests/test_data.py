@@ -2,7 +2,6 @@
 delivered once per epoch across processes, and bad input is skipped and counted."""
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile

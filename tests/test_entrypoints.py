@@ -34,10 +34,15 @@ def test_train_sample_evaluate(tmp_path):
     events = glob.glob(os.path.join(wd, stage, "tensorboard", "events.out.tfevents.*"))
     assert events and len(list(read_events(events[0]))) > 3
   out = str(tmp_path / "samples")
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a small green square at the top left on a white background\n")
   _run(["ldm_jax.sample", f"--workdir={wd}", "--prompt=a large red circle in the centre on a "
-        "blue background", "--num=2", "--steps=3", f"--out={out}"])
+        "blue background", f"--prompts-file={prompts}", "--num=2", "--steps=3", f"--out={out}"])
   assert os.path.isfile(os.path.join(out, "grid.png"))
-  assert json.load(open(os.path.join(out, "00000.json")))["steps"] == 3
+  meta = [json.load(open(os.path.join(out, f"{i:05d}.json"))) for i in range(4)]
+  assert all(m["steps"] == 3 for m in meta)
+  assert {m["prompt"] for m in meta} == {"a large red circle in the centre on a blue background",
+                                         "a small green square at the top left on a white background"}
   log = _run(["ldm_jax.evaluate_prompts", f"--workdir={wd}", "--num=4", "--steps=2", "--chunk=4"])
   assert "colour+kind+position" in log
   res = json.load(open(os.path.join(wd, "eval", "results.json")))

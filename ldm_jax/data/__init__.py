@@ -26,6 +26,25 @@ def make_iterator(cfg, *, batch_size: int, process_index: int = 0, process_count
                             process_count=process_count, seed=seed)
 
 
+def heldout(cfg, *, num: int, shards=None, tfds_split: str = "validation"):
+  """`cfg` switched to images held out of training, read without augmentation:
+  `shards` if given (wds), else the shapes held-out split of `num` images, or a
+  TFDS `tfds_split`. Raises ValueError for wds runs given no held-out shards."""
+  import ml_collections
+  d = ml_collections.ConfigDict(cfg.to_dict())
+  d.crop, d.flip = "center", False
+  if shards:
+    d.source, d.shards = "wds", shards
+  elif d.source == "shapes":
+    d.shapes.split, d.shapes.num = "heldout", num
+    d.shapes.shard_size = min(d.shapes.shard_size, num)
+  elif d.source == "tfds":
+    d.tfds.split = tfds_split
+  else:
+    raise ValueError(f"config.data.source={d.source!r} has no held-out split; give held-out shards")
+  return d
+
+
 def _with(cfg, **kw):
   import ml_collections
   c = ml_collections.ConfigDict(cfg.to_dict())
@@ -34,4 +53,4 @@ def _with(cfg, **kw):
   return c
 
 
-__all__ = ["default_config", "make_iterator", "WebDatasetIterator"]
+__all__ = ["default_config", "heldout", "make_iterator", "WebDatasetIterator"]

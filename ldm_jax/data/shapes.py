@@ -46,6 +46,7 @@ SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
              "bottom left", "bottom", "bottom right")  # row-major 3x3 grid cells
 SPLITS = ("train", "heldout", "all")
+ATTRIBUTES = ("colour", "kind", "position", "size", "background")  # what a caption names
 HELDOUT_PERCENT = 10  # share of (kind, colour, position, background) combinations held out
 
 # Half-extent of a shape as a fraction of the image side; a grid cell has half-extent 1/6.

@@ -394,7 +394,7 @@ def preset(kind: str, f: int, size: str = "ref") -> dict:
     kind: 'kl' or 'vq'.
     f: downsampling factor (kl: 4, 8, 16, 32; vq: 4, 8, 16).
     size: 'ref' -- the paper's shapes (ch 128, 2 res-blocks, 256 px); 'tiny' -- a
-      CPU variant (ch 16, 1 res-block, GroupNorm(8), 32 px, no level attention)
+      CPU variant (ch 32, 1 res-block, GroupNorm(8), 32 px, no level attention)
       with the same f, z channels and (for VQ) a 512-entry codebook.
   Returns:
     kwargs for `AutoencoderKL` or `VQModel`.
@@ -416,7 +416,7 @@ def preset(kind: str, f: int, size: str = "ref") -> dict:
   kw = dict(table[(kind, f)], ch=128, num_res_blocks=2, resolution=256)
   if size == "tiny":
     m = len(kw["ch_mult"]) - 1
-    kw.update(ch=16, ch_mult=(1,) + (2,) * m, num_res_blocks=1, attn_resolutions=(),
+    kw.update(ch=32, ch_mult=(1,) + (2,) * m, num_res_blocks=1, attn_resolutions=(),
               resolution=32, norm_groups=8)
     if kind == "vq":
       kw["n_embed"] = 512

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ldm_jax.evaluation.image_metrics import psnr
+from ldm_jax.evaluation.image_metrics import psnr, ssim
 from ldm_jax.models import autoencoder as ae
 from ldm_jax.models import layers
 from ldm_jax.models.convert import load_torch_file, torch_to_flax
@@ -240,6 +240,14 @@ class AutoencoderTask:
     del rng
     out = self.eval_model.apply(self._variables(state["params"]), batch["image"])[0]
     return jnp.clip(out, -1.0, 1.0)
+
+  def sample_metrics(self, batch, images):
+    """PSNR and SSIM of the reconstructions `images` (from `sample`) of batch['image']."""
+    x = batch["image"]
+    out = {"psnr": jnp.mean(psnr(x, images))}
+    if min(x.shape[1:3]) >= 11:  # SSIM's 11x11 window
+      out["ssim"] = jnp.mean(ssim(x, images))
+    return out
 
   # ---- what stage 2 uses ----
   def latents(self, params, images, rng=None):

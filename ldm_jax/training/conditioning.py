@@ -16,7 +16,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from ldm_jax.models import text as text_lib
 from ldm_jax.models.unet import UNetModel

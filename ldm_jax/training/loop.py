@@ -137,10 +137,12 @@ def run(task, config, workdir: str, make_data: Callable, *,
   if is_main:
     log.info("compiled the update step in %.1f s; memory: %s", compile_s, _memory_report(compiled))
 
-  sample_fn = sample_global = None
+  sample_fn = sample_global = metrics_fn = None
   if sample_batch is not None:
     sample_fn = jax.jit(task.sample)
     sample_global = parallel.global_batch(task.prepare_batch(sample_batch), mesh)
+    if hasattr(task, "sample_metrics"):
+      metrics_fn = jax.jit(task.sample_metrics)
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
 
   def save_samples(step):
@@ -148,8 +150,13 @@ def run(task, config, workdir: str, make_data: Callable, *,
       return
     with parallel.activate(mesh, rules):
       images = sample_fn(state, sample_global, sample_rng)
+      metrics = metrics_fn(sample_global, images) if metrics_fn is not None else {}
+    metrics = {f"sample/{k}": float(v) for k, v in jax.device_get(metrics).items()}
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     if is_main:
+      if metrics:
+        log.info("step %d samples | %s", step, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        writer.scalars(step, metrics)
       grid = image_io.grid(images)
       image_io.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
       writer.image(step, "samples", grid)
@@ -214,7 +221,8 @@ def run(task, config, workdir: str, make_data: Callable, *,
     if not preempted:
       if ckpt.latest_step() != step:
         ckpt.save(step, state, it.get_state(), cfg_dict, force=True)
-      save_samples(step)
+      if not (config.sample_every and step % config.sample_every == 0):  # not just written
+        save_samples(step)
   finally:  # a save in flight holds a good state: let it finish
     ckpt.close()
     if writer is not None:

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from ldm_jax import checkpoint, config_lib, parallel
+from ldm_jax import data as data_lib
 from ldm_jax.data import make_iterator
 from ldm_jax.training import loop
 from ldm_jax.training.autoencoder import AutoencoderTask, scale_factor as scale_from_moments
@@ -32,9 +33,13 @@ def _data_factory(config, seed_offset: int = 0):
   return make
 
 
-def _first_batch(config, n: int, seed_offset: int) -> dict:
-  """n host-local examples from a separate stream (for sample / reconstruction grids)."""
-  it = make_iterator(config.data, batch_size=n, process_index=jax.process_index(),
+def _first_batch(config, n: int, seed_offset: int, heldout: bool = False) -> dict:
+  """n host-local examples from a separate stream (for sample / reconstruction grids);
+  `heldout`: from images outside the training set where the source has them (shapes)."""
+  data = config.data
+  if heldout and data.source == "shapes":
+    data = data_lib.heldout(data, num=max(n * jax.process_count(), 64))
+  it = make_iterator(data, batch_size=n, process_index=jax.process_index(),
                      process_count=jax.process_count(), seed=config.seed + seed_offset)
   return next(it)
 
@@ -44,7 +49,7 @@ def _autoencoder_stage(config, workdir: str):
   task = AutoencoderTask(c)
   per_process = max(c.num_samples // jax.process_count(), 1)
   res = loop.run(task, c, os.path.join(workdir, "autoencoder"), _data_factory(c),
-                 sample_batch=_first_batch(c, per_process, 1000))
+                 sample_batch=_first_batch(c, per_process, 1000, heldout=True))
   return task, c, res
 
 

@@ -14,6 +14,9 @@ A *task* is what one training stage is to the shared loop (`ldm_jax.training.loo
     def sample(self, state, batch, rng) -> images
       # Pure. NHWC images in [-1, 1] for the periodic grids (reconstructions for
       # stage 1, generated images for stage 2).
+    def sample_metrics(self, batch, images) -> dict   # optional
+      # Pure. Scalars about the periodic samples (stage 1: PSNR and SSIM of the
+      # reconstructions of the held-out sample batch), logged as `sample/*`.
     def prepare_batch(self, host_batch) -> dict of numpy arrays
       # Host side: turns the data pipeline's batch (images, captions, labels)
       # into arrays (e.g. tokenises captions) before they become global arrays.
