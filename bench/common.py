@@ -165,4 +165,4 @@ def machine_line() -> str:
   d = jax.devices()
   return (f"jax {jax.__version__}, backend {jax.default_backend()}, {len(d)} x "
           f"{d[0].device_kind}, {os.cpu_count()} host cores, load avg "
-          f"{os.getloadavg()[0]:.1f} (the cores are shared)")
+          f"{os.getloadavg()[0]:.1f} at the start")

@@ -98,7 +98,7 @@ def bench_sd(args, peak):
   ctx = jnp.zeros((b, 77, kw["context_dim"]))
 
   # Values do not change the speed, so no real init: flax's (threefry, truncated
-  # normal over 860M values) took ~100 s on the 2 shared cores, XLA's RngBitGenerator
+  # normal over 860M values) took ~100 s on 2 CPU cores, XLA's RngBitGenerator
   # ~60 s; a multiplicative hash of the index, scaled as LeCun-uniform, ~25 s (mostly
   # writing 3.4 GB).
   t0 = time.perf_counter()
