@@ -66,19 +66,23 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
       out["feat_x"], out["feat_x_hat"] = feats[:x.shape[0]], feats[x.shape[0]:]
     return out
 
+  from ldm_jax.data.shapes import ATTRIBUTES, classify_image
   parts = []
   for _ in range(-(-num // batch)):
     x = parallel.global_batch({"image": next(it)["image"]}, mesh)["image"]
-    parts.append(multihost_utils.process_allgather(measure(state, inc_params, x), tiled=True))
+    part = multihost_utils.process_allgather(measure(state, inc_params, x), tiled=True)
+    if shapes_attrs:  # images become per-attribute matches here: only scalars are kept
+      pairs = [(classify_image(a), classify_image(b)) for a, b in
+               zip(part.pop("x"), part.pop("x_hat"))]
+      part.update({f"kept_{k}": np.array([getattr(a, k) == getattr(b, k) for a, b in pairs])
+                   for k in ATTRIBUTES})
+    parts.append(part)
   got = {k: np.concatenate([np.asarray(p[k]) for p in parts])[:num] for k in parts[0]}
   res = {"num": int(len(got["psnr"])), "psnr": float(got["psnr"].mean()),
          "psnr_std": float(got["psnr"].std()), "ssim": float(got["ssim"].mean()),
          "ssim_std": float(got["ssim"].std()), "data_stats": it.stats()}
   if shapes_attrs:
-    from ldm_jax.data.shapes import ATTRIBUTES, classify_image
-    pairs = [(classify_image(a), classify_image(b)) for a, b in zip(got["x"], got["x_hat"])]
-    res["attributes_kept"] = {k: float(np.mean([getattr(a, k) == getattr(b, k) for a, b in pairs]))
-                              for k in ATTRIBUTES}
+    res["attributes_kept"] = {k: float(got[f"kept_{k}"].mean()) for k in ATTRIBUTES}
   if inception is not None:
     res["rfid"] = frechet_distance(*feature_stats(got["feat_x"]), *feature_stats(got["feat_x_hat"]))
   return res
