@@ -3,6 +3,7 @@
   python bench/train.py                       # tiny txt2img (batch 64) + SD-1.x UNet fwd+bwd (batch 1)
   python bench/train.py --skip_sd --steps 20  # tiny only, more timed steps
   python bench/train.py --devices 8           # 8 fake CPU devices (same cores, data-parallel mesh)
+  python bench/train.py --compare_devices 1,2  # tiny step on 1 and on 2 CPU devices, and the ratio
 
 (a) tiny txt2img: the whole `LDMTask.update` (first-stage encode, tau(y), UNet
     forward + backward, AdamW, EMA), jitted with the shardings the training loop uses
@@ -39,7 +40,35 @@ def parse_args(argv=None):
                  help="batches read to time the data pipeline (0 = skip)")
   p.add_argument("--devices", type=int, default=1,
                  help="fake CPU devices (sets --xla_force_host_platform_device_count)")
+  p.add_argument("--compare_devices", default="",
+                 help="comma list of CPU device counts: times (a) in one fresh process per "
+                      "count, one after the other, and prints each against the first")
+  p.add_argument("--json_out", default="", help=argparse.SUPPRESS)  # --compare_devices' children
   return p.parse_args(argv)
+
+
+def compare_devices(args):
+  """(a) on 1, 2, ... CPU devices, each in its own process (the count is fixed when the
+  backend starts); XLA's CPU runtime spreads one device's small ops poorly over
+  cores, so one device per core is the layout `ldm_jax.train` picks."""
+  import json
+  import subprocess
+  import tempfile
+  counts = [int(n) for n in args.compare_devices.split(",")]
+  rows = []
+  for n in counts:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+      subprocess.run([sys.executable, os.path.abspath(__file__), "--skip_sd", "--devices", str(n),
+                      "--batch", str(args.batch), "--steps", str(args.steps), "--dtype", args.dtype,
+                      "--data_batches", "0", "--json_out", f.name], check=True,
+                     stdout=subprocess.DEVNULL)
+      r = json.load(open(f.name))
+    rows.append([n, r["compile_s"], r["step_s"], args.batch / r["step_s"]])
+  base = rows[0][2]
+  print(common.machine_line())
+  common.print_table(["CPU devices", "compile s", "step s", "examples/s", f"speed vs {counts[0]}"],
+                     [r + [base / r[2]] for r in rows],
+                     title=f"tiny txt2img update, batch {args.batch}, by CPU device count")
 
 
 def bench_tiny(args, peak):
@@ -170,6 +199,8 @@ def bench_data(args, batch_size):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.compare_devices:
+    return compare_devices(args)
   common.force_host_devices(args.devices)
   import jax.numpy as jnp
   print(common.machine_line())
@@ -180,6 +211,10 @@ def main(argv=None):
   results = []
   if not args.skip_tiny:
     results.append(bench_tiny(args, peak))
+    if args.json_out:
+      import json
+      with open(args.json_out, "w") as f:
+        json.dump({"compile_s": results[-1][0][3], "step_s": results[-1][0][4]}, f)
   if not args.skip_sd:
     results.append(bench_sd(args, peak))
   common.print_table(

@@ -19,6 +19,10 @@ flags.DEFINE_integer("num_processes", int(os.environ.get("LDM_NUM_PROCESSES", "0
                      "Processes in the job.")
 flags.DEFINE_integer("process_id", int(os.environ["LDM_PROCESS_ID"]) if "LDM_PROCESS_ID" in os.environ
                      else None, "This process's index.")
+flags.DEFINE_integer("cpu_devices", None,
+                     "XLA devices on a CPU host (default: one per core, as many as every stage's "
+                     "mesh and batch accept; 1 = a single device). Ignored when XLA_FLAGS sets "
+                     "the host device count or the job is --multihost.")
 FLAGS = flags.FLAGS
 
 
@@ -31,6 +35,24 @@ def _init_distributed():
   jax.distributed.initialize(**kw)
 
 
+def _split_cpu(config) -> int | None:
+  """Sets jax_num_cpu_devices before any backend starts (GPU/TPU hosts are unaffected:
+  their devices are the accelerators). Returns the count set, or None."""
+  import jax
+  if FLAGS.multihost or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if FLAGS.cpu_devices is not None:
+    n = FLAGS.cpu_devices
+  else:
+    from ldm_jax import config_lib, parallel
+    from ldm_jax.training.run import STAGE_CONFIG
+    stages = [config_lib.for_stage(config, STAGE_CONFIG[s]) for s in config.stages
+              if s in STAGE_CONFIG]
+    n = parallel.cpu_device_count(stages, os.cpu_count() or 1)
+  jax.config.update("jax_num_cpu_devices", n)
+  return n
+
+
 def main(argv):
   del argv
   if FLAGS.config is None:
@@ -39,12 +61,17 @@ def main(argv):
       os.path.basename(FLAGS["config"].config_filename))[0])
   if FLAGS.multihost:
     _init_distributed()
+  n_cpu = _split_cpu(FLAGS.config)  # before anything starts a backend
   from ldm_jax.console import setup_logging
   setup_logging()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   from ldm_jax.training.run import train_and_evaluate
-  logging.getLogger("ldm_jax").info("workdir: %s", os.path.abspath(workdir))
+  log = logging.getLogger("ldm_jax")
+  log.info("workdir: %s", os.path.abspath(workdir))
+  if n_cpu is not None and jax.default_backend() == "cpu":
+    log.info("CPU host: %d device(s) on %d cores, the batch split over them (--cpu_devices)",
+             n_cpu, os.cpu_count() or 1)
   train_and_evaluate(FLAGS.config, workdir)
 
 

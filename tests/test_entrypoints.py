@@ -11,9 +11,9 @@ from ldm_jax.training.summary import read_events
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, timeout=600):
+def _run(args, timeout=600, env=None):
   out = subprocess.run([sys.executable, "-m"] + args, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=env)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out.stdout + out.stderr
 
@@ -26,8 +26,14 @@ def test_train_sample_evaluate(tmp_path):
             "--config.sample_every=0", "--config.num_samples=8",
             "--config.stage2.sample.steps=3", "--config.data.shapes.num=64",
             "--config.data.shapes.shard_size=32", f"--config.data.cache_dir={tmp_path}/cache"]
-  log = _run(["ldm_jax.train", "--config=configs/txt2img.py", f"--workdir={wd}"] + shrink)
+  # As a user runs it: no forced device count, so train splits the CPU, one device a core.
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
+  log = _run(["ldm_jax.train", "--config=configs/txt2img.py", f"--workdir={wd}"] + shrink, env=env)
   assert "step 3/3" in log and "scale_factor" in log
+  cores = min(os.cpu_count() or 1, 8)
+  expected = max(d for d in range(1, cores + 1) if 8 % d == 0)
+  assert f"CPU host: {expected} device(s)" in log
   for stage in ("autoencoder", "ldm"):
     assert os.path.isdir(os.path.join(wd, stage, "checkpoints", "3"))
     assert glob.glob(os.path.join(wd, stage, "samples", "*.png"))

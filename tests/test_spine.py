@@ -164,3 +164,23 @@ def test_lr_schedules():
   assert float(const(0)) == float(const(100)) == 1e-3
   with pytest.raises(ValueError, match="lr_decay"):
     lr_schedule(1e-3, warmup_steps=0, total_steps=10, decay="linear")
+
+
+def test_cpu_device_count_fits_every_stage():
+  """One device per core, fewer when a stage's mesh or batch would not split."""
+  import ml_collections
+
+  def stage(batch, mesh=MESHES["data8"], grad_accum=1):
+    mesh = [(a, -1 if a == "data" else s) for a, s in mesh] if mesh is MESHES["data8"] else mesh
+    return ml_collections.ConfigDict(dict(batch_size=batch, mesh=mesh, grad_accum=grad_accum,
+                                          dcn_mesh=()))
+
+  assert parallel.cpu_device_count([stage(16), stage(64)], cores=2) == 2
+  assert parallel.cpu_device_count([stage(16), stage(64)], cores=6) == 4   # 6 and 5 split neither
+  assert parallel.cpu_device_count([stage(12)], cores=8) == 6
+  assert parallel.cpu_device_count([stage(8, grad_accum=4)], cores=4) == 2
+  fixed = [("data", 1), ("fsdp", 2), ("tensor", 1)]
+  assert parallel.cpu_device_count([stage(16, mesh=fixed)], cores=8) == 2  # needs exactly 2
+  assert parallel.cpu_device_count([stage(7)], cores=8) == 7
+  assert parallel.cpu_device_count([stage(9)], cores=2) == 1
+  assert parallel.cpu_device_count([stage(16)], cores=1) == 1

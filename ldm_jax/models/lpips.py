@@ -18,6 +18,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax.models import layers
 from ldm_jax.models.convert import load_torch_file, torch_to_flax
@@ -30,8 +31,8 @@ VGG_SLICES = (((0, 64), (2, 64)),
               ((17, 512), (19, 512), (21, 512)),
               ((24, 512), (26, 512), (28, 512)))
 # lpips' ScalingLayer: inputs in [-1, 1] -> roughly ImageNet-normalised
-SHIFT = jnp.array([-0.030, -0.088, -0.188])
-SCALE = jnp.array([0.458, 0.448, 0.450])
+SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)  # numpy: importing must not start a backend
+SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
 
 class NetLinLayer(nn.Module):

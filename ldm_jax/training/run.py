@@ -21,6 +21,7 @@ from ldm_jax.training.ldm import LDMTask
 
 log = logging.getLogger("ldm_jax")
 STAGES = ("autoencoder", "ldm")
+STAGE_CONFIG = {"autoencoder": "stage1", "ldm": "stage2"}  # stage -> its config section
 
 
 def _data_factory(config, seed_offset: int = 0):
