@@ -83,12 +83,12 @@ def test_stage1_checkpoint_stays_valid_when_stage2_changes():
   from ldm_jax import checkpoint
   a = load("txt2img")
   b = load("txt2img").unlock()
-  b.stage2.prediction_type = "v"
+  b.stage2.prediction_type = "x0"
   b.stage1.loss.kl_weight = 1e-3
   s1a, s1b = (config_lib.to_dict(config_lib.for_stage(c, "stage1")) for c in (a, b))
   assert "stage2" not in s1a
   assert checkpoint.config_differences(s1a, s1b) == [
       "stage1.loss.kl_weight: checkpoint 1e-06 vs config 0.001"]
   s2a, s2b = (config_lib.to_dict(config_lib.for_stage(c, "stage2")) for c in (a, b))
-  assert "stage2.prediction_type: checkpoint 'eps' vs config 'v'" in (
+  assert "stage2.prediction_type: checkpoint 'v' vs config 'x0'" in (
       checkpoint.config_differences(s2a, s2b))

@@ -93,20 +93,28 @@ def test_min_snr_weights_closed_form():
     return model_fn
 
   gamma = 1.5  # SD's SNR(t) spans (0.005, 1000); this batch's t fall on both sides of gamma
-  out = {k: losses.diffusion_loss(make_model(k), z0, rng, sch, prediction_type=k,
-                                  weighting="min_snr", min_snr_gamma=gamma)
-         for k in S.PREDICTION_TYPES}
-  t, x0_hat = seen["x0"]
-  expected = np.minimum(sch.snr(t), gamma) * np.mean((x0_hat - z0) ** 2, axis=(1, 2, 3))
-  assert float(sch.snr(t).min()) < gamma < float(sch.snr(t).max())
-  for k in S.PREDICTION_TYPES:
-    np.testing.assert_allclose(out[k], expected, rtol=2e-3)
+  for floor in (0.0, 0.5):  # with a floor the x0 weight is min(max(SNR, floor), gamma)
+    out = {k: losses.diffusion_loss(make_model(k), z0, rng, sch, prediction_type=k,
+                                    weighting="min_snr", min_snr_gamma=gamma, min_snr_floor=floor)
+           for k in S.PREDICTION_TYPES}
+    t, x0_hat = seen["x0"]
+    snr_t = sch.snr(t)
+    expected = np.minimum(np.maximum(snr_t, floor), gamma) * np.mean((x0_hat - z0) ** 2,
+                                                                      axis=(1, 2, 3))
+    assert float(snr_t.min()) < floor or floor == 0
+    assert float(snr_t.min()) < gamma < float(snr_t.max())
+    for k in S.PREDICTION_TYPES:
+      np.testing.assert_allclose(out[k], expected, rtol=2e-3)
   # Closed forms of the weights themselves, including SNR = 0 (zero terminal SNR).
   snr = jnp.array([0.0, 0.5, 5.0, 50.0])
   np.testing.assert_allclose(losses.min_snr_weight(snr, "eps"), [1, 1, 1, 0.1], rtol=1e-6)
   np.testing.assert_allclose(losses.min_snr_weight(snr, "v"), [0, 0.5 / 1.5, 5 / 6, 5 / 51],
                              rtol=1e-6)
   np.testing.assert_allclose(losses.min_snr_weight(snr, "x0"), [0, 0.5, 5, 5], rtol=1e-6)
+  # Floor 1 (truncated SNR, capped): x0 weight clip(SNR, 1, 5).
+  np.testing.assert_allclose(losses.min_snr_weight(snr, "x0", floor=1.0), [1, 1, 5, 5], rtol=1e-6)
+  np.testing.assert_allclose(losses.min_snr_weight(snr, "v", floor=1.0), [1, 1 / 1.5, 5 / 6, 5 / 51],
+                             rtol=1e-6)
 
 
 def test_simple_loss_and_offset_noise():

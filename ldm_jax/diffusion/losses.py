@@ -8,6 +8,10 @@ Timesteps are uniform in {0, ..., T-1}. Weightings:
                  ||v_hat - v||^2     = (SNR+1) ||x0_hat - x0||^2,
                the weight in the target's own space is
                  eps: min(SNR, gamma) / SNR,  v: min(SNR, gamma) / (SNR + 1),  x0: min(SNR, gamma).
+              With a floor f > 0 the x0 weight is min(max(SNR, f), gamma): f = 1 is the
+              truncated-SNR weighting of Salimans & Ho (2022) capped at gamma. It keeps
+              the high-noise steps (SNR << 1), where the layout of an image is decided,
+              at x0 weight 1 instead of SNR.
 Offset noise (Guttenberg 2023): eps += offset_noise * n with n ~ N(0, 1) shared by all
 positions of a channel, so the model learns to shift a latent's mean.
 """
@@ -21,19 +25,25 @@ from ldm_jax.diffusion.schedule import Schedule, _check_kind
 WEIGHTINGS = ("simple", "min_snr")
 
 
-def min_snr_weight(snr, prediction_type: str, gamma: float = 5.0):
-  """Min-SNR-gamma weight in the space of `prediction_type` (see the module docstring)."""
+def min_snr_weight(snr, prediction_type: str, gamma: float = 5.0, floor: float = 0.0):
+  """Min-SNR-gamma weight in the space of `prediction_type` (see the module docstring).
+
+  `floor` > 0 raises the x0-space weight of the high-noise steps to `floor`.
+  """
   _check_kind(prediction_type)
+  w_x0 = jnp.minimum(jnp.maximum(snr, floor), gamma)
   if prediction_type == "eps":
-    return jnp.minimum(1.0, gamma / snr)  # = min(snr, gamma) / snr, and 1 at snr = 0
+    if floor <= 0:
+      return jnp.minimum(1.0, gamma / snr)  # = min(snr, gamma) / snr, and 1 at snr = 0
+    return w_x0 / snr
   if prediction_type == "v":
-    return jnp.minimum(snr, gamma) / (snr + 1)
-  return jnp.minimum(snr, gamma)
+    return w_x0 / (snr + 1)
+  return w_x0
 
 
 def diffusion_loss(model_fn: Callable, z0, rng, schedule: Schedule, *, prediction_type: str = "eps",
                    weighting: str = "simple", min_snr_gamma: float = 5.0,
-                   offset_noise: float = 0.0):
+                   min_snr_floor: float = 0.0, offset_noise: float = 0.0):
   """Per-example denoising loss.
 
   Args:
@@ -45,6 +55,7 @@ def diffusion_loss(model_fn: Callable, z0, rng, schedule: Schedule, *, predictio
     prediction_type: 'eps' | 'v' | 'x0', what the model predicts.
     weighting: 'simple' | 'min_snr'.
     min_snr_gamma: gamma of Min-SNR weighting.
+    min_snr_floor: the floor of the x0-space Min-SNR weight (0 = none, 1 = truncated SNR).
     offset_noise: scale of the per-channel offset added to eps (0 disables it).
 
   Returns:
@@ -66,5 +77,6 @@ def diffusion_loss(model_fn: Callable, z0, rng, schedule: Schedule, *, predictio
   err = jnp.square(model_fn(z_t, t).astype(jnp.float32) - target)
   loss = err.reshape(batch, -1).mean(axis=1)
   if weighting == "min_snr":
-    loss = loss * min_snr_weight(schedule.snr(t), prediction_type, min_snr_gamma)
+    loss = loss * min_snr_weight(schedule.snr(t), prediction_type, min_snr_gamma,
+                                  min_snr_floor)
   return loss

@@ -105,6 +105,7 @@ class LDMTask:
                                         prediction_type=self.c.prediction_type,
                                         weighting=self.c.weighting,
                                         min_snr_gamma=self.c.min_snr_gamma,
+                                        min_snr_floor=self.c.min_snr_floor,
                                         offset_noise=self.c.offset_noise)
     loss = jnp.mean(per_example)
     return loss, {"loss": loss, "latent_std": jnp.std(z0)}
@@ -203,6 +204,7 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   c.prediction_type = "eps"   # eps | v | x0
   c.weighting = "simple"      # simple | min_snr
   c.min_snr_gamma = 5.0
+  c.min_snr_floor = 0.0       # min_snr: x0-space weight min(max(SNR, floor), gamma); 1 = truncated SNR
   c.offset_noise = 0.0        # offset-noise scale (0 = off)
   c.cond_drop = 0.1           # P(condition replaced by the null condition): classifier-free guidance
   c.ema_decay = 0.9999        # EMA of the weights (with the reference's warm-up)
