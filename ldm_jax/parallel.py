@@ -60,8 +60,9 @@ def cpu_device_count(stage_configs: Sequence, cores: int) -> int:
   that every stage's `mesh` and `batch_size` (x `grad_accum`) accept.
 
   XLA's CPU runtime spreads one device's small convolutions and matmuls poorly
-  over cores; one device per core with the batch split over `data` runs the tiny
-  text-to-image step 1.9x faster on 2 cores (bench/train.py --devices 1 / 2).
+  over cores; with one device per core and the batch split over `data`, the tiny
+  text-to-image run on 2 cores trains stage 1 2.4x and stage 2 1.7x faster
+  (`python bench/train.py --compare_devices 1,2` times the bare stage-2 step).
   """
   for n in range(max(cores, 1), 1, -1):
     def fits(c):

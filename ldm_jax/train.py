@@ -42,6 +42,8 @@ def _split_cpu(config) -> int | None:
   if FLAGS.multihost or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return None
   if FLAGS.cpu_devices is not None:
+    if FLAGS.cpu_devices < 1:
+      raise app.UsageError(f"--cpu_devices={FLAGS.cpu_devices}: must be at least 1")
     n = FLAGS.cpu_devices
   else:
     from ldm_jax import config_lib, parallel
