@@ -7,7 +7,8 @@
 
 (a) tiny txt2img: the whole `LDMTask.update` (first-stage encode, tau(y), UNet
     forward + backward, AdamW, EMA), jitted with the shardings the training loop uses
-    (`parallel.create_sharded`, batch over data x fsdp, state donated).
+    (`parallel.create_sharded`, batch over data x fsdp, state donated); then the same
+    step on batches from the latent cache (`stage2.latent_cache`: no encoder), and the ratio.
 (b) sd15: the Stable Diffusion 1.x UNet (860M parameters) at a 32x32 latent, forward +
     backward of the eps loss only (no optimizer: two AdamW moments would add 7 GB).
 
@@ -71,8 +72,10 @@ def compare_devices(args):
                      title=f"tiny txt2img update, batch {args.batch}, by CPU device count")
 
 
-def bench_tiny(args, peak):
+def bench_tiny(args, peak, latent=False):
+  """(a); `latent`: batches from the latent cache (stage2.latent_cache), no encoder."""
   import jax
+  import numpy as np
   from ldm_jax import config_lib, parallel
   from ldm_jax.training.ldm import LDMTask
 
@@ -87,6 +90,9 @@ def bench_tiny(args, peak):
   init_rng, step_rng = jax.random.split(jax.random.key(c.seed))
   state, shardings = parallel.create_sharded(task.init, init_rng, mesh, rules)
   host = common.shapes_batch(per_process, c.data.resolution)
+  if latent:  # the cache's float16 latents in place of the images
+    z = task.first.encode(state["frozen"]["first_stage"], host.pop("image"), None)
+    host["latent"] = np.asarray(z, np.float16)
   batch = parallel.global_batch(task.prepare_batch(host), mesh)
 
   # As ldm_jax/training/loop.py: the rng folded with the step, state donated.
@@ -105,7 +111,8 @@ def bench_tiny(args, peak):
 
   t = common.time_calls(step, warmup=1, repeats=args.steps)
   n_params = sum(x.size for x in jax.tree.leaves(holder[0]["params"]))
-  return _row(f"tiny txt2img ({n_params / 1e6:.1f}M)", "update", c.batch_size, compiled,
+  what = "update, latent cache" if latent else "update"
+  return _row(f"tiny txt2img ({n_params / 1e6:.1f}M)", what, c.batch_size, compiled,
               compile_s, t, peak, mesh.size)
 
 
@@ -208,13 +215,16 @@ def main(argv=None):
   peak = common.measure_matmul_peak(dtype, args.peak_n)
   print(f"measured matmul peak ({args.dtype}, n={args.peak_n}, one device): "
         f"{peak / 1e9:.1f} GFLOP/s")
-  results = []
+  results, ratio = [], None
   if not args.skip_tiny:
     results.append(bench_tiny(args, peak))
     if args.json_out:
       import json
       with open(args.json_out, "w") as f:
         json.dump({"compile_s": results[-1][0][3], "step_s": results[-1][0][4]}, f)
+    else:
+      results.append(bench_tiny(args, peak, latent=True))
+      ratio = results[-2][0][4] / results[-1][0][4]
   if not args.skip_sd:
     results.append(bench_sd(args, peak))
   common.print_table(
@@ -226,6 +236,8 @@ def main(argv=None):
       [[n, m.get("args", float("nan")), m.get("out", float("nan")), m.get("temp", float("nan")),
         m.get("alias", float("nan")), m.get("total", float("nan"))] for _, (n, m) in results],
       title="memory_analysis() of the compiled step, per device")
+  if ratio is not None:
+    print(f"\ntiny step from the latent cache: {ratio:.2f}x the step that encodes images")
   rate = bench_data(args, args.batch)
   if rate is None:
     print("\ndata pipeline: skipped (ldm_jax.data.make_iterator not present, or --data_batches 0)")

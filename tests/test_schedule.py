@@ -137,3 +137,18 @@ def test_simple_loss_and_offset_noise():
   assert zero.shape == (2,) and np.all(np.abs(np.asarray(zero) - 1) < 0.3)  # E[eps^2] = 1
   with pytest.raises(ValueError, match="weighting"):
     losses.diffusion_loss(model_fn, z0, rng, sch, weighting="snr")
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-0.85, 1.0), (0.5, 0.6)])
+def test_logit_normal_timesteps_follow_their_cdf(mean, std):
+  """P(t < k) = P(T sigmoid(u) < k) = Phi((logit(k / T) - mean) / std)."""
+  T, n = 1000, 200_000
+  t = np.asarray(losses.sample_timesteps(jax.random.key(0), n, T, "logit_normal", mean, std))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() < T
+  for k in (50, 150, 350, 500, 800, 950):
+    expected = 0.5 * (1 + math.erf((math.log(k / (T - k)) - mean) / (std * math.sqrt(2))))
+    assert abs(np.mean(t < k) - expected) < 4e-3, k
+  u = np.asarray(losses.sample_timesteps(jax.random.key(0), n, T, "uniform"))
+  assert abs(np.mean(u < 250) - 0.25) < 4e-3
+  with pytest.raises(ValueError, match="timestep_sampling"):
+    losses.sample_timesteps(jax.random.key(0), 4, T, "lognormal")

@@ -30,5 +30,22 @@ def main(port: int, process_id: int, workdir: str, out: str):
   jax.distributed.shutdown()
 
 
+def cache_main(port: int, process_id: int, workdir: str):
+  """Both processes encode their shards of one pass into one latent cache."""
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=process_id)
+  from ldm_jax import parallel
+  from ldm_jax.training import latent_cache
+  from tests.test_latent_cache import cache_worker_config, pool
+  c = cache_worker_config(workdir)
+  mesh = parallel.make_mesh(c)
+  encode = jax.jit(lambda x: (pool(x), None), out_shardings=parallel.batch_sharding(mesh))
+  latent_cache.build(c, encode, mesh, os.path.join(workdir, "latents"), batch_size=8)
+  jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  if sys.argv[4] == "cache":
+    cache_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  else:
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

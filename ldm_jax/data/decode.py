@@ -3,6 +3,7 @@ captions, labels, and the LAION metadata filters. Every failure is a `Skip`
 naming its kind, which the pipeline counts instead of crashing."""
 import io
 import json
+import threading
 from typing import Optional
 
 import numpy as np
@@ -103,6 +104,18 @@ def read_json(data: Optional[bytes]) -> dict:
     return {}
 
 
+# np.load parses the .npy header with ast.literal_eval, which CPython 3.11 does not
+# make safe across threads ("SystemError: AST constructor recursion depth
+# mismatch" under the decoding pool); one lock makes it so, at microseconds a call.
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+  """float32 array of a .npy file's bytes."""
+  with _NPY_LOCK:
+    return np.load(io.BytesIO(data)).astype(np.float32)
+
+
 def check_filters(meta: dict, size: tuple, cfg) -> None:
   """LAION-style metadata filters; raises Skip('filtered') when one fails."""
   w = meta.get("width") or meta.get("original_width") or size[0]
@@ -129,10 +142,13 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
   if cfg.source == "latents":
     if "npy" not in sample:
       raise Skip("no_latent", sample.get("__key__", "?"))
-    latent = np.load(io.BytesIO(sample["npy"])).astype(np.float32)
+    latent = load_npy(sample["npy"])
     caption = read_text(sample.get("txt"), counts) or ""
     meta = read_json(sample.get("json"))
-    return {"latent": latent, "caption": caption, "label": int(meta.get(cfg.label_key, -1))}
+    out = {"latent": latent, "caption": caption, "label": int(meta.get(cfg.label_key, -1))}
+    if "std.npy" in sample:  # the posterior's std: stage 2 draws z = latent + std * eps
+      out["latent_std"] = load_npy(sample["std.npy"])
+    return out
   ext = next((e for e in IMAGE_EXTS if e in sample), None)
   if ext is None:
     raise Skip("no_image", sample.get("__key__", "?"))

@@ -1,16 +1,23 @@
-"""The latent cache: encode a dataset once with a trained first stage into
-webdataset shards of latents, so stage 2 on large data skips the autoencoder.
+"""The latent cache: a dataset encoded once by a trained first stage, as webdataset
+shards of latents, so stage 2 skips the autoencoder in every step.
 
-Each sample holds key.npy (the unscaled latent z, float16 by default), key.txt
-(the caption) and key.json (label and source key). Stage 2 reads them through the
-same reader with `config.data.source = 'latents'` (batches carry `latent`).
+Each sample holds key.npy (the unscaled latent z, or the posterior mean of a KL
+first stage that samples; float16 by default), optionally key.std.npy (the
+posterior standard deviation, so stage 2 can draw a fresh z = mean + std * eps
+each time it sees the sample), key.txt (the caption) and key.json (label and
+source key). Stage 2 reads them through the same reader with
+`config.data.source = 'latents'` (batches carry `latent`, and `latent_std` when
+stored). `ldm_jax/training/latent_cache.py` builds a cache during a run.
 """
 import io
 import json
 import os
+import shutil
 import tarfile
-from typing import Callable, Iterable
+import tempfile
+from typing import Callable, Iterable, Optional
 
+import fsspec
 import numpy as np
 
 
@@ -20,10 +27,68 @@ def _add(tar, name: str, data: bytes) -> None:
   tar.addfile(info, io.BytesIO(data))
 
 
+def _npy(a: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, a)
+  return buf.getvalue()
+
+
+class LatentShardWriter:
+  """Streams samples into `{prefix}-00000.tar`, ...; a shard appears under its
+  final name only once complete. `out_dir` is a local folder or an fsspec URL
+  (gs://...: each shard is written locally, then uploaded)."""
+
+  def __init__(self, out_dir: str, *, prefix: str = "latents", shard_size: int = 1000,
+               dtype=np.float16):
+    self.out_dir, self.prefix, self.shard_size, self.dtype = out_dir, prefix, shard_size, dtype
+    self.remote = "://" in out_dir
+    self._local = tempfile.mkdtemp(prefix="latents-") if self.remote else out_dir
+    os.makedirs(self._local, exist_ok=True)
+    self.count, self.shards, self._in_shard, self._tar = 0, 0, 0, None
+
+  def _path(self, i: int) -> str:
+    return os.path.join(self._local, f"{self.prefix}-{i:05d}.tar")
+
+  def add(self, z: np.ndarray, caption: str, label: int = -1, std: Optional[np.ndarray] = None,
+          meta: Optional[dict] = None) -> None:
+    if self._tar is None:
+      self._tar = tarfile.open(self._path(self.shards) + ".tmp", "w")
+    key = f"{self.count:09d}"
+    _add(self._tar, key + ".npy", _npy(np.asarray(z).astype(self.dtype)))
+    if std is not None:
+      _add(self._tar, key + ".std.npy", _npy(np.asarray(std).astype(self.dtype)))
+    _add(self._tar, key + ".txt", str(caption).encode())
+    _add(self._tar, key + ".json", json.dumps(dict(meta or {}, label=int(label))).encode())
+    self.count, self._in_shard = self.count + 1, self._in_shard + 1
+    if self._in_shard == self.shard_size:
+      self._close_shard()
+
+  def _close_shard(self) -> None:
+    self._tar.close()
+    local = self._path(self.shards)
+    os.replace(local + ".tmp", local)
+    if self.remote:
+      with open(local, "rb") as src, fsspec.open(f"{self.out_dir}/{os.path.basename(local)}",
+                                                 "wb") as dst:
+        shutil.copyfileobj(src, dst)
+      os.remove(local)
+    self._tar, self.shards, self._in_shard = None, self.shards + 1, 0
+
+  def close(self) -> str:
+    """Finishes the last shard; returns the brace pattern of all shards ('' if none)."""
+    if self._tar is not None:
+      self._close_shard()
+    if self.remote:
+      shutil.rmtree(self._local, ignore_errors=True)
+    if not self.shards:
+      return ""
+    return f"{self.out_dir}/{self.prefix}-{{{0:05d}..{self.shards - 1:05d}}}.tar"
+
+
 def write_latent_shards(batches: Iterable[dict], encode_fn: Callable, out_dir: str, *,
                         num_batches: int, shard_size: int = 1000, dtype=np.float16,
                         prefix: str = "latents") -> str:
-  """Encodes `num_batches` batches and writes them as shards; returns their pattern.
+  """Encodes `num_batches` host batches and writes them as shards; returns their pattern.
 
   Args:
     batches: an iterator of host batches {image, caption, label}.
@@ -33,36 +98,12 @@ def write_latent_shards(batches: Iterable[dict], encode_fn: Callable, out_dir: s
     shard_size: samples per shard.
     dtype: storage dtype of the latents.
   """
-  os.makedirs(out_dir, exist_ok=True)
-  shard, in_shard, index, tar = 0, 0, 0, None
-
-  def open_shard(i):
-    return tarfile.open(os.path.join(out_dir, f"{prefix}-{i:05d}.tar.tmp"), "w")
-
-  def close_shard(t, i):
-    t.close()
-    base = os.path.join(out_dir, f"{prefix}-{i:05d}.tar")
-    os.replace(base + ".tmp", base)
-
+  writer = LatentShardWriter(out_dir, prefix=prefix, shard_size=shard_size, dtype=dtype)
   it = iter(batches)
   for _ in range(num_batches):
     batch = next(it)
     z = np.asarray(encode_fn(batch["image"]))
     for j in range(len(z)):
-      if tar is None:
-        tar = open_shard(shard)
-      key = f"{index:09d}"
-      buf = io.BytesIO()
-      np.save(buf, z[j].astype(dtype))
-      _add(tar, key + ".npy", buf.getvalue())
-      _add(tar, key + ".txt", str(batch["caption"][j]).encode())
       label = int(batch["label"][j]) if "label" in batch else -1
-      _add(tar, key + ".json", json.dumps({"label": label}).encode())
-      index, in_shard = index + 1, in_shard + 1
-      if in_shard == shard_size:
-        close_shard(tar, shard)
-        tar, shard, in_shard = None, shard + 1, 0
-  if tar is not None:
-    close_shard(tar, shard)
-    shard += 1
-  return os.path.join(out_dir, f"{prefix}-{{{0:05d}..{shard - 1:05d}}}.tar")
+      writer.add(z[j], batch["caption"][j], label)
+  return writer.close()

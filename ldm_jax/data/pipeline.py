@@ -148,11 +148,32 @@ class WebDatasetIterator:
       todo = list(enumerate(self._block))[self.emitted:]
       for ex, counts, skip in self._pool.map(self._decode, [(self.epoch, smp) for _, smp in todo]):
         self.emitted += 1
-        for k, v in counts.items():
-          self.stats_.counts[k] = self.stats_.counts.get(k, 0) + v
-        if skip is not None:
-          self.stats_.add(skip.kind, str(skip))
-          continue
+        self._count(counts, skip)
+        if skip is None:
+          yield ex
+
+  def _count(self, counts: dict, skip) -> None:
+    for k, v in counts.items():
+      self.stats_.counts[k] = self.stats_.counts.get(k, 0) + v
+    if skip is not None:
+      self.stats_.add(skip.kind, str(skip))
+
+  def one_epoch(self, chunk: int = 256) -> Iterator[dict]:
+    """This process's share of one pass over the data, unshuffled, decoded; bad
+    samples are skipped and counted as in training. For encoding a dataset once
+    (the latent cache); leaves the training position untouched."""
+    buf = []
+    for _, _, sample in self._raw(0, 0, 0):
+      buf.append((0, sample))
+      if len(buf) == chunk:
+        yield from self._decoded(buf)
+        buf = []
+    yield from self._decoded(buf)
+
+  def _decoded(self, todo: list) -> Iterator[dict]:
+    for ex, counts, skip in self._pool.map(self._decode, todo):
+      self._count(counts, skip)
+      if skip is None:
         yield ex
 
   # -- the iterator protocol -------------------------------------------------------

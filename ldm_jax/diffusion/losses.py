@@ -1,6 +1,9 @@
 """The denoising loss L = E_{z0, eps, t} w(t) ||target - model(z_t, t)||^2.
 
-Timesteps are uniform in {0, ..., T-1}. Weightings:
+Timesteps are uniform in {0, ..., T-1}, or logit-normal (Esser et al. 2024, SD3):
+t = floor(T * sigmoid(u)) with u ~ N(m, s), which spends more of each batch on the
+middle of the schedule, where an image's shapes are settled, than uniform t does.
+Weightings:
   'simple'  -- w = 1 (Ho et al. 2020; LDM's L_simple).
   'min_snr' -- Min-SNR-gamma (Hang et al. 2023): the loss measured on x0 weighted by
                min(SNR(t), gamma). Since for the same x0_hat
@@ -23,6 +26,18 @@ import jax.numpy as jnp
 from ldm_jax.diffusion.schedule import Schedule, _check_kind
 
 WEIGHTINGS = ("simple", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(rng, batch: int, T: int, sampling: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0):
+  """(batch,) int32 timesteps in [0, T): uniform, or floor(T sigmoid(u)), u ~ N(mean, std)."""
+  if sampling == "uniform":
+    return jax.random.randint(rng, (batch,), 0, T, dtype=jnp.int32)
+  if sampling == "logit_normal":
+    u = logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32)
+    return jnp.clip(jnp.floor(T * jax.nn.sigmoid(u)), 0, T - 1).astype(jnp.int32)
+  raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
 
 
 def min_snr_weight(snr, prediction_type: str, gamma: float = 5.0, floor: float = 0.0):
@@ -43,7 +58,9 @@ def min_snr_weight(snr, prediction_type: str, gamma: float = 5.0, floor: float =
 
 def diffusion_loss(model_fn: Callable, z0, rng, schedule: Schedule, *, prediction_type: str = "eps",
                    weighting: str = "simple", min_snr_gamma: float = 5.0,
-                   min_snr_floor: float = 0.0, offset_noise: float = 0.0):
+                   min_snr_floor: float = 0.0, offset_noise: float = 0.0,
+                   timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                   logit_std: float = 1.0):
   """Per-example denoising loss.
 
   Args:
@@ -57,6 +74,7 @@ def diffusion_loss(model_fn: Callable, z0, rng, schedule: Schedule, *, predictio
     min_snr_gamma: gamma of Min-SNR weighting.
     min_snr_floor: the floor of the x0-space Min-SNR weight (0 = none, 1 = truncated SNR).
     offset_noise: scale of the per-channel offset added to eps (0 disables it).
+    timestep_sampling, logit_mean, logit_std: how t is drawn (`sample_timesteps`).
 
   Returns:
     (B,) float32 losses: w(t) * mean over non-batch axes of (model - target)^2.
@@ -66,7 +84,7 @@ def diffusion_loss(model_fn: Callable, z0, rng, schedule: Schedule, *, predictio
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
   rng_t, rng_eps, rng_off = jax.random.split(rng, 3)
   batch = z0.shape[0]
-  t = jax.random.randint(rng_t, (batch,), 0, schedule.T, dtype=jnp.int32)
+  t = sample_timesteps(rng_t, batch, schedule.T, timestep_sampling, logit_mean, logit_std)
   eps = jax.random.normal(rng_eps, z0.shape, jnp.float32)
   if offset_noise:
     shape = (batch,) + (1,) * (z0.ndim - 2) + (z0.shape[-1],)

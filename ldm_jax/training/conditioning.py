@@ -160,7 +160,7 @@ class Conditioner:
   # -- host side -------------------------------------------------------------
   def prepare(self, host_batch: dict) -> dict:
     out = {}
-    for key in ("image", "latent"):
+    for key in ("image", "latent", "latent_std"):
       if key in host_batch:
         out[key] = np.asarray(host_batch[key], np.float32)
     if self.context == "text":

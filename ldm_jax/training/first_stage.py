@@ -45,5 +45,13 @@ class FirstStage:
       return post.sample(rng) if rng is not None and self.sample_posterior else post.mode()
     return self.model.apply(variables, x, method=self.model.encode)
 
+  def moments(self, variables, x):
+    """x -> (mean, std) of what `encode` draws z from; std is None when z is
+    deterministic (VQ, or KL encoded to its mode)."""
+    if self.kind == "kl":
+      post = self.model.apply(variables, x, method=self.model.encode)
+      return post.mean, (jnp.exp(0.5 * post.logvar) if self.sample_posterior else None)
+    return self.model.apply(variables, x, method=self.model.encode), None
+
   def decode(self, variables, z):
     return jnp.clip(self.model.apply(variables, z, method=self.model.decode), -1, 1)

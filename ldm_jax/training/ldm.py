@@ -54,6 +54,9 @@ class LDMTask:
       raise ValueError(f"config.data.resolution={res} is not divisible by the first stage's "
                        f"downsampling factor f={self.first.factor}")
     self.latent_hw = res // self.first.factor
+    if c.timestep_sampling not in losses.TIMESTEP_SAMPLINGS:
+      raise ValueError(f"config.stage2.timestep_sampling={c.timestep_sampling!r} is not one of "
+                       f"{losses.TIMESTEP_SAMPLINGS}")
 
   # -- state ---------------------------------------------------------------
   def init(self, rng):
@@ -88,7 +91,10 @@ class LDMTask:
   def _loss(self, params, batch, rng, frozen, scale_factor):
     r_enc, r_drop, r_diff, r_dropout = jax.random.split(rng, 4)
     if "latent" in batch:  # from the latent cache (config.data.source = 'latents')
-      z0 = scale_factor * batch["latent"].astype(jnp.float32)
+      z0 = batch["latent"].astype(jnp.float32)
+      if "latent_std" in batch:  # a stored posterior: a fresh sample, as from the image
+        z0 = z0 + batch["latent_std"] * jax.random.normal(r_enc, z0.shape)
+      z0 = scale_factor * z0
     else:
       z0 = scale_factor * self.first.encode(frozen["first_stage"], batch["image"], r_enc)
     z0 = jax.lax.stop_gradient(z0)
@@ -106,7 +112,10 @@ class LDMTask:
                                         weighting=self.c.weighting,
                                         min_snr_gamma=self.c.min_snr_gamma,
                                         min_snr_floor=self.c.min_snr_floor,
-                                        offset_noise=self.c.offset_noise)
+                                        offset_noise=self.c.offset_noise,
+                                        timestep_sampling=self.c.timestep_sampling,
+                                        logit_mean=self.c.logit_mean,
+                                        logit_std=self.c.logit_std)
     loss = jnp.mean(per_example)
     return loss, {"loss": loss, "latent_std": jnp.std(z0)}
 
@@ -206,6 +215,9 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   c.min_snr_gamma = 5.0
   c.min_snr_floor = 0.0       # min_snr: x0-space weight min(max(SNR, floor), gamma); 1 = truncated SNR
   c.offset_noise = 0.0        # offset-noise scale (0 = off)
+  c.timestep_sampling = "uniform"  # uniform | logit_normal: t = T sigmoid(u), u ~ N(logit_mean, logit_std)
+  c.logit_mean = 0.0
+  c.logit_std = 1.0
   c.cond_drop = 0.1           # P(condition replaced by the null condition): classifier-free guidance
   c.ema_decay = 0.9999        # EMA of the weights (with the reference's warm-up)
   c.lr = 1e-4
@@ -215,6 +227,9 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   c.grad_clip = 1.0
   c.scale_factor = 0.0        # z = scale_factor * E(x); 0 = estimate 1/std(z) after stage 1
   c.first_stage_workdir = ""  # a stage-1 workdir to take the autoencoder from ("" = this run's)
+  # Encode the training set once before the first step and train on the stored
+  # latents (training/latent_cache.py): each step skips the frozen encoder.
+  c.latent_cache = False
   c.sample = ml_collections.ConfigDict(dict(
       steps=50, guidance=5.0, sampler="ddim", prompts=PROMPTS))
   return c

@@ -10,12 +10,13 @@ import logging
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from ldm_jax import checkpoint, config_lib, parallel
 from ldm_jax import data as data_lib
 from ldm_jax.data import make_iterator
-from ldm_jax.training import loop
+from ldm_jax.training import latent_cache, loop
 from ldm_jax.training.autoencoder import AutoencoderTask, scale_factor as scale_from_moments
 from ldm_jax.training.ldm import LDMTask
 
@@ -43,6 +44,13 @@ def _first_batch(config, n: int, seed_offset: int, heldout: bool = False) -> dic
   it = make_iterator(data, batch_size=n, process_index=jax.process_index(),
                      process_count=jax.process_count(), seed=config.seed + seed_offset)
   return next(it)
+
+
+def _on_latents(config, pattern: str):
+  """`config` reading the latent cache `pattern` instead of its images."""
+  d = config.to_dict()
+  d["data"].update(source="latents", shards=pattern)
+  return ml_collections.ConfigDict(d).lock()
 
 
 def _autoencoder_stage(config, workdir: str):
@@ -98,6 +106,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {STAGES}")
+  if "ldm" in config.stages:
+    latent_cache.check_config(config)
   checkpoint.check_writable(workdir)
   results = {}
   first = None  # (task, stage config, state, mesh)
@@ -125,9 +135,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
       return dict(state, frozen=frozen,
                   scale_factor=jax.device_put(np.float32(scale), shardings["scale_factor"]))
 
+    def cached_data(state, per_process):  # the latent cache in place of the images
+      nonlocal first
+      cache_dir = os.path.join(ldm_dir, "latents")
+      pattern = latent_cache.cached_pattern(cache_dir, c2)
+      if not pattern:
+        if first is None:
+          first = _restore_first_stage(config, config.stage2.first_stage_workdir or workdir)
+        ae_task, c1, ae_state, mesh = first
+        moments = jax.jit(task2.first.moments, out_shardings=parallel.batch_sharding(mesh))
+        variables = ae_task._variables(ae_state["params"])
+        with parallel.activate(mesh, parallel.rules_of(c1)):
+          pattern = latent_cache.build(c2, lambda x: moments(variables, x), mesh, cache_dir,
+                                       batch_size=c2.batch_size)
+      return _data_factory(_on_latents(c2, pattern))(state, per_process)
+
+    make_data = cached_data if c2.stage2.latent_cache else _data_factory(c2)
+
     n = max(c2.num_samples // jax.process_count(), 1)
     data_batch = _first_batch(c2, n, 1000) if task2.cond.concat != "none" else None
-    results["ldm"] = loop.run(task2, c2, ldm_dir, _data_factory(c2),
+    results["ldm"] = loop.run(task2, c2, ldm_dir, make_data,
                               sample_batch=task2.cond.fixed_batch(n, data_batch),
                               initial_values=initial_values)
   return results
