@@ -97,15 +97,12 @@ def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int) -> s
                      "cannot be read in one pass")
   examples = it.one_epoch()
   writer = LatentShardWriter(out_dir, prefix=f"latents-p{p:03d}")
-  template = None
   while True:
     chunk = [ex for _, ex in zip(range(per_process), examples)]
     # Every process runs the sharded encoder equally often: stop when all are done.
     left = multihost_utils.process_allgather(np.array([len(chunk)], np.int32))
     if int(np.max(left)) == 0:
       break
-    if chunk and template is None:
-      template = chunk[0]
     images = np.zeros((per_process,) + (config.data.resolution,) * 2 + (3,), np.float32)
     for i, ex in enumerate(chunk):
       images[i] = ex["image"]
