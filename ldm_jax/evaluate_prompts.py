@@ -21,6 +21,9 @@ flags.DEFINE_float("guidance", None, "Guidance scale (default: the config's).")
 flags.DEFINE_string("sampler", "ddim", "Sampler.")
 flags.DEFINE_integer("seed", 1234, "Seed of the prompts and of the noise.")
 flags.DEFINE_integer("chunk", 50, "Images per sampling call.")
+flags.DEFINE_float("strength", 1.0, "Below 1: start each sample from the prompt's true image "
+                   "noised to this strength (img2img), to find the noise level at which an "
+                   "attribute is lost; 0 = the first stage's round trip.")
 flags.DEFINE_string("out", None, "Where to write results.json and grid.png (default: workdir/eval).")
 FLAGS = flags.FLAGS
 
@@ -49,7 +52,7 @@ def score(attrs, images) -> dict:
 
 
 def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, seed: int,
-             chunk: int, out: str) -> dict:
+             chunk: int, out: str, strength: float = 1.0) -> dict:
   import jax
   from ldm_jax import checkpoint, sampling
   from ldm_jax.training import images as image_io
@@ -57,16 +60,25 @@ def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, see
   task, state, mesh, config = sampling.load(ckpt_dir)
   if task.cond.context != "text":
     raise ValueError("evaluate_prompts needs a text-to-image model")
+  if not 0.0 <= strength <= 1.0:
+    raise ValueError(f"strength={strength}: must be in [0, 1]")
   attrs, prompts = heldout_prompts(num, seed)
   t0 = time.time()
   images = []
   for i in range(0, num, chunk):
     batch = task.prepare_batch({"caption": np.array(prompts[i:i + chunk], object)})
+    kw = {}
+    if strength < 1.0:  # img2img from the exact ground-truth drawing of each prompt
+      from ldm_jax.data import shapes
+      truth = [shapes.render(a, config.data.resolution) for a in attrs[i:i + chunk]]
+      batch["init_image"] = np.stack(truth).astype(np.float32) / 127.5 - 1.0
+      kw["strength"] = strength
     images.append(sampling.generate(task, state, mesh, config, batch, seed=seed + i, steps=steps,
-                                    guidance=guidance, sampler=sampler))
+                                    guidance=guidance, sampler=sampler, **kw))
   images = np.concatenate(images)
   result = score(attrs, images)
   result.update(num=num, steps=steps, sampler=sampler, seed=seed, seconds=time.time() - t0,
+                strength=strength,
                 guidance=task.c.sample.guidance if guidance is None else guidance,
                 prompts=prompts)
   if jax.process_index() == 0:
@@ -85,10 +97,13 @@ def main(argv):
   ckpt = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "ldm", "checkpoints")
   out = FLAGS.out or os.path.join(FLAGS.workdir or ".", "eval")
   r = evaluate(ckpt, num=FLAGS.num, steps=FLAGS.steps, guidance=FLAGS.guidance,
-               sampler=FLAGS.sampler, seed=FLAGS.seed, chunk=FLAGS.chunk, out=out)
+               sampler=FLAGS.sampler, seed=FLAGS.seed, chunk=FLAGS.chunk, out=out,
+               strength=FLAGS.strength)
   log = logging.getLogger("ldm_jax")
-  log.info("%d held-out prompts, %d %s steps, guidance %.1f (%.0f s)", r["num"], r["steps"],
-           r["sampler"], r["guidance"], r["seconds"])
+  log.info("%d held-out prompts, %d %s steps, guidance %.1f%s (%.0f s)", r["num"], r["steps"],
+           r["sampler"], r["guidance"],
+           f", from the true image at strength {r['strength']}" if r["strength"] < 1 else "",
+           r["seconds"])
   log.info("%-22s %9s %7s", "attribute", "accuracy", "chance")
   for k, v in r["accuracy"].items():
     log.info("%-22s %8.1f%% %6.1f%%", k, 100 * v, 100 * r["chance"][k])
