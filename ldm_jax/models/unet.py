@@ -344,4 +344,4 @@ def preset(size: str) -> dict:
   """
   if size not in PRESETS:
     raise ValueError(f"unknown UNet preset size {size!r}; choose from {sorted(PRESETS)}")
-  return dict(in_channels=4, out_channels=4, **PRESETS[size])
+  return dict(in_channels=4, out_channels=4, norm_num_groups=32, **PRESETS[size])
