@@ -123,19 +123,19 @@ def test_img2img_strength_zero_returns_the_reconstruction(txt2img_ckpt, tmp_path
 
 def test_evaluate_prompts_at_strength_zero_scores_the_first_stage_round_trip(txt2img_ckpt,
                                                                            tmp_path):
-  from ldm_jax import evaluate_prompts
-  r = evaluate_prompts.evaluate(txt2img_ckpt, num=4, steps=3, guidance=None, sampler="ddim",
+  from ldm_jax.evaluation import prompts
+  r = prompts.evaluate(txt2img_ckpt, num=4, steps=3, guidance=None, sampler="ddim",
                                 seed=0, chunk=4, out=str(tmp_path), strength=0.0)
   task, state, mesh, config = sampling.load(txt2img_ckpt)
-  attrs, _ = evaluate_prompts.heldout_prompts(4, 0)
+  attrs, _ = prompts.heldout_prompts(4, 0)
   x = np.stack([shapes.render(a, 32) for a in attrs]).astype(np.float32) / 127.5 - 1.0
   z = task.first.encode(state["frozen"]["first_stage"], x, None)
   rec = np.asarray(task.first.decode(state["frozen"]["first_stage"], z))
   assert r["strength"] == 0.0
   names = lambda preds: [[p[k] for k in shapes.ATTRIBUTES] for p in preds]
-  assert names(r["predicted"]) == names(evaluate_prompts.score(attrs, rec)["predicted"])
+  assert names(r["predicted"]) == names(prompts.score(attrs, rec)["predicted"])
   with pytest.raises(ValueError, match="strength"):
-    evaluate_prompts.evaluate(txt2img_ckpt, num=4, steps=3, guidance=None, sampler="ddim",
+    prompts.evaluate(txt2img_ckpt, num=4, steps=3, guidance=None, sampler="ddim",
                               seed=0, chunk=4, out=str(tmp_path), strength=1.5)
 
 
