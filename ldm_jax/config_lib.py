@@ -160,6 +160,12 @@ def ldm(arg, *, context: str = "text", classes: int = 0, concat: str = "none",
     # position 99.5 vs 98%), since it keeps the weight of the low-noise steps,
     # where the shape's outline is drawn.
     c.stage2.prediction_type = "v"
+    # Timesteps t = T sigmoid(u), u ~ N(-0.5, 1): more of the updates on the low-noise
+    # steps, where stage 2 loses the shape's kind (evaluate_prompts --strength); the
+    # layout is learned by 4000 steps either way. 200 held-out prompts, guidance 3:
+    # kind 38.5 -> 45%, position 99 -> 99.5%, colour 99 -> 96.5% (uniform t before).
+    c.stage2.timestep_sampling = "logit_normal"
+    c.stage2.logit_mean = -0.5
     # Attention (self and cross) at the 4x4 level only, and the embedded data's
     # latents cached once: each step is about 2x cheaper than with attention at 8x8
     # too and the encoder in the step, so the same minutes hold twice the steps.

@@ -8,16 +8,17 @@ import time
 
 import numpy as np
 
+from ldm_jax.data import shapes
+
 
 def heldout_prompts(num: int, seed: int):
-  from ldm_jax.data import shapes
+  """`num` held-out attribute sets (combinations never trained on) and their captions."""
   attrs = [shapes.sample_attrs(seed, i, "heldout") for i in range(num)]
   return attrs, [shapes.caption(a) for a in attrs]
 
 
 def score(attrs, images) -> dict:
   """Per-attribute accuracy of classify_image(images) against attrs, plus chance."""
-  from ldm_jax.data import shapes
   got = [shapes.classify_image(img) for img in images]
   acc = {k: float(np.mean([getattr(g, k) == getattr(a, k) for g, a in zip(got, attrs)]))
          for k in shapes.ATTRIBUTES}
@@ -33,6 +34,8 @@ def score(attrs, images) -> dict:
 
 def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, seed: int,
              chunk: int, out: str, strength: float = 1.0) -> dict:
+  """Samples and scores `num` held-out prompts with the stage-2 checkpoint in
+  `ckpt_dir`; writes results.json and grid.png to `out` and returns the results."""
   import jax
   from ldm_jax import checkpoint, sampling
   from ldm_jax.training import images as image_io
@@ -49,7 +52,6 @@ def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, see
     batch = task.prepare_batch({"caption": np.array(prompts[i:i + chunk], object)})
     kw = {}
     if strength < 1.0:  # img2img from the exact ground-truth drawing of each prompt
-      from ldm_jax.data import shapes
       truth = [shapes.render(a, config.data.resolution) for a in attrs[i:i + chunk]]
       batch["init_image"] = np.stack(truth).astype(np.float32) / 127.5 - 1.0
       kw["strength"] = strength
