@@ -36,6 +36,9 @@ def parse_args(argv=None):
   p.add_argument("--sd_batch", type=int, default=1, help="sd15: batch")
   p.add_argument("--sd_latent", type=int, default=32, help="sd15: latent side (64 = 512 px)")
   p.add_argument("--sd_steps", type=int, default=2, help="sd15: timed steps (no warm-up: compiled ahead of time)")
+  p.add_argument("--sd_attention", default="auto",
+                 help="sd15: comma list of attention kernels (auto, xla, cudnn); one row each, "
+                      "timed against the first")
   p.add_argument("--peak_n", type=int, default=2048, help="side of the peak-matmul operands")
   p.add_argument("--data_batches", type=int, default=5,
                  help="batches read to time the data pipeline (0 = skip)")
@@ -116,10 +119,11 @@ def bench_tiny(args, peak, latent=False):
               compile_s, t, peak, mesh.size)
 
 
-def bench_sd(args, peak):
+def bench_sd(args, peak, impl="auto"):
   import jax
   import jax.numpy as jnp
   from ldm_jax import config_lib, parallel
+  from ldm_jax.models import attention
   from ldm_jax.models import unet as unet_lib
 
   kw = unet_lib.preset("sd15")
@@ -173,23 +177,34 @@ def bench_sd(args, peak):
   eps = jax.device_put(jax.random.normal(r[1], z.shape), batch_sh)
   tt = jax.device_put(jax.random.randint(r[2], (b,), 0, 1000), batch_sh)
   ctx = jax.device_put(jax.random.normal(r[2], ctx.shape), batch_sh)
-  with parallel.activate(mesh, rules):
+  with parallel.activate(mesh, rules), attention.implementation(impl):
     compiled, compile_s = common.compile_timed(fwd_bwd, params, z0, tt, ctx, eps)
+  # XLA counts no FLOPs inside a cuDNN attention kernel, so the model's FLOPs are
+  # counted on the step lowered with XLA's attention (lowering only, no compile);
+  # where the backend counts no lowered FLOPs (GPU), main() takes them from an xla row.
+  with parallel.activate(mesh, rules), attention.implementation("xla"):
+    flops = common.flops_of(fwd_bwd.lower(params, z0, tt, ctx, eps))
+  if flops != flops:
+    flops = common.flops_of(compiled)
   # Compiled ahead of time, so the first call runs no compiler: no warm-up call,
   # which at ~25 s a step on 2 cores is what keeps the default run short.
   timing = common.time_calls(lambda: compiled(params, z0, tt, ctx, eps), warmup=0,
                              repeats=args.sd_steps)
-  return _row(f"sd15 UNet ({n_params / 1e6:.0f}M) {s}x{s} latent", "fwd+bwd", b, compiled,
-              compile_s, timing, peak, mesh.size)
+  return _row(f"sd15 UNet ({n_params / 1e6:.0f}M) {s}x{s} latent", f"fwd+bwd, attention {impl}", b, compiled,
+              compile_s, timing, peak, mesh.size, flops=flops)
 
 
-def _row(name, what, batch, compiled, compile_s, timing, peak, n_devices):
-  flops = common.flops_of(compiled)    # per device for an SPMD program
-  achieved = flops / timing.median
-  mem = common.memory_of(compiled)
-  row = [name, what, batch, compile_s, timing.median, batch / timing.median, flops / 1e9,
-         achieved * n_devices / 1e12, peak * n_devices / 1e12, achieved / peak]
-  return row, (name, mem)
+def _row(name, what, batch, compiled, compile_s, timing, peak, n_devices, flops=None):
+  if flops is None:
+    flops = common.flops_of(compiled)  # per device for an SPMD program
+  row = [name, what, batch, compile_s, timing.median, batch / timing.median]
+  return row + _rates(flops, timing.median, peak, n_devices), (name, common.memory_of(compiled))
+
+
+def _rates(flops, step_s, peak, n_devices):
+  """[GFLOP/step/dev, achieved TFLOP/s, peak TFLOP/s, MFU] of a step of `flops` per device."""
+  achieved = flops / step_s
+  return [flops / 1e9, achieved * n_devices / 1e12, peak * n_devices / 1e12, achieved / peak]
 
 
 def bench_data(args, batch_size):
@@ -209,6 +224,7 @@ def main(argv=None):
   if args.compare_devices:
     return compare_devices(args)
   common.force_host_devices(args.devices)
+  import jax
   import jax.numpy as jnp
   print(common.machine_line())
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -225,8 +241,18 @@ def main(argv=None):
     else:
       results.append(bench_tiny(args, peak, latent=True))
       ratio = results[-2][0][4] / results[-1][0][4]
+  sd_steps = []  # (attention kernel, step seconds)
   if not args.skip_sd:
-    results.append(bench_sd(args, peak))
+    sd_rows = []
+    for impl in args.sd_attention.split(","):
+      sd_rows.append(bench_sd(args, peak, impl))
+      sd_steps.append((impl, sd_rows[-1][0][4]))
+    # The compiled xla-attention step counts the model's FLOPs (cuDNN's are hidden).
+    xla_flops = [r[6] for (r, _), (impl, _) in zip(sd_rows, sd_steps) if impl == "xla"]
+    for r, _ in sd_rows:
+      if xla_flops:
+        r[6:] = _rates(xla_flops[0] * 1e9, r[4], peak, jax.device_count())
+    results += sd_rows
   common.print_table(
       ["config", "step", "batch", "compile s", "step s", "examples/s", "GFLOP/step/dev",
        "achieved TFLOP/s", "peak TFLOP/s", "MFU"],
@@ -238,6 +264,9 @@ def main(argv=None):
       title="memory_analysis() of the compiled step, per device")
   if ratio is not None:
     print(f"\ntiny step from the latent cache: {ratio:.2f}x the step that encodes images")
+  for impl, step_s in sd_steps[1:]:
+    print(f"sd15 step with attention {impl}: {sd_steps[0][1] / step_s:.2f}x the speed "
+          f"of attention {sd_steps[0][0]}")
   rate = bench_data(args, args.batch)
   if rate is None:
     print("\ndata pipeline: skipped (ldm_jax.data.make_iterator not present, or --data_batches 0)")

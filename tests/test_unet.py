@@ -127,3 +127,29 @@ def test_remat_dropout_and_bad_inputs():
     model.init(jax.random.key(0), x, t, jnp.ones((1, 3, 32)))
   with pytest.raises(ValueError, match="in_channels"):
     model.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)), t, ctx)
+
+
+def test_attention_kernel_choice():
+  """'auto' is XLA's kernel off a GPU (cuDNN flash attention needs one and bf16/fp16);
+  a forced kernel applies inside the block only, and a misspelt one is refused."""
+  from ldm_jax.models import attention
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 16)) for i in range(3))
+  run = lambda: np.asarray(jax.jit(lambda q, k, v: attention.multi_head_attention(
+      q, k, v, 2, is_causal=True))(q, k, v))
+  auto = run()
+  with attention.implementation("xla"):
+    np.testing.assert_array_equal(run(), auto)
+  # Closed form: causal softmax attention per head.
+  qh, kh, vh = (np.asarray(a).reshape(2, 6, 2, 8) for a in (q, k, v))
+  logits = np.einsum("bnhd,bmhd->bhnm", qh, kh) / np.sqrt(8)
+  logits = np.where(np.tril(np.ones((6, 6), bool)), logits, -np.inf)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  ref = np.einsum("bhnm,bmhd->bnhd", w / w.sum(-1, keepdims=True), vh).reshape(2, 6, 16)
+  np.testing.assert_allclose(auto, ref, atol=1e-5)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(Exception), attention.implementation("cudnn"):
+      run()
+  assert attention._implementation == "auto"
+  with pytest.raises(ValueError, match="attention implementation"):
+    with attention.implementation("flash"):
+      pass

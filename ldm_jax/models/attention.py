@@ -6,12 +6,17 @@ denoiser. Modules mirror diffusers' `Attention`, `BasicTransformerBlock` and
 `Transformer2DModel` (names to_q, to_k, to_v, to_out_0, ff.net_0.proj, ...) so
 `ldm_jax.models.convert.torch_to_flax` converts their weights directly.
 
-Attention runs through `jax.nn.dot_product_attention` with no implementation
-forced: XLA picks cuDNN flash attention on GPUs for bf16/fp16 inputs and the
-plain XLA kernel elsewhere. Heads carry the logical name `heads` so they can be
+Attention runs through `jax.nn.dot_product_attention`. Its own default
+(`implementation=None`) is always the XLA kernel, so `multi_head_attention`
+asks for cuDNN flash attention itself on a GPU with bf16/fp16 inputs, falling
+back to XLA where cuDNN's rules (head size, dtype, version) refuse the shapes;
+`implementation("xla")` / `implementation("cudnn")` force one (bench/attention.py
+compares them). Heads carry the logical name `heads` so they can be
 sharded over the `tensor` mesh axis; kernels whose input is the heads use axes
 ('mlp', 'embed') so a tensor-parallel block needs one reduction only.
 """
+import contextlib
+import logging
 from typing import Optional
 
 import flax.linen as nn
@@ -25,6 +30,40 @@ QKV_AXES = ("batch", "length", "heads", "kv")
 # Kernels whose input features are the heads (to_out_0, ff.net_2).
 OUT_AXES = ("mlp", "embed")
 _LECUN = nn.initializers.lecun_normal()
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_implementation = "auto"
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+  """Forces the attention kernel of everything traced inside the block.
+
+  Args:
+    name: 'auto' (cuDNN flash attention on a GPU for bf16/fp16 where cuDNN accepts the
+      shapes, XLA otherwise), 'xla', or 'cudnn' (errors where cuDNN cannot run).
+  """
+  global _implementation
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation: expected one of {IMPLEMENTATIONS}, got {name!r}")
+  previous, _implementation = _implementation, name
+  try:
+    yield
+  finally:
+    _implementation = previous
+
+
+def _attend(q, k, v, is_causal):
+  """(B, T, N, d) attention with the kernel `_implementation` names (chosen at trace time)."""
+  attend = lambda impl: jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                                       implementation=impl)
+  if _implementation != "auto":
+    return attend(_implementation)
+  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:  # cuDNN's own checks (head size <= 128/256 and a multiple of 8, ...) run while tracing
+      return attend("cudnn")
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+      logging.info("attention %s x %s: XLA kernel (cuDNN: %s)", q.shape, k.shape, e)
+  return attend("xla")
 
 
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *,
@@ -44,8 +83,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, *
     a = a.reshape(a.shape[:2] + (heads, a.shape[-1] // heads))
     a = a if dtype is None else a.astype(dtype)
     return nn.with_logical_constraint(a, QKV_AXES)
-  o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
-                                   implementation=None)
+  o = _attend(split(q), split(k), split(v), is_causal)
   o = nn.with_logical_constraint(o, QKV_AXES)
   return o.reshape(o.shape[:2] + (-1,))
 
