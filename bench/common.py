@@ -72,8 +72,7 @@ def compile_timed(fn, *args, **kwargs):
 
 
 def flops_of(compiled) -> float:
-  """XLA's FLOP count of one call of `compiled`, or of a `Lowered` (before XLA's
-  optimisations); NaN when the backend gives none.
+  """XLA's FLOP count of one call of `compiled` (NaN when the backend gives none).
 
   `cost_analysis()` returns a dict on current jax and a list of dicts (one per
   program) on older versions; the counts are per device for SPMD programs.

@@ -38,7 +38,7 @@ def parse_args(argv=None):
   p.add_argument("--sd_steps", type=int, default=2, help="sd15: timed steps (no warm-up: compiled ahead of time)")
   p.add_argument("--sd_attention", default="auto",
                  help="sd15: comma list of attention kernels (auto, xla, cudnn); one row each, "
-                      "timed against the first")
+                      "timed against the first; with xla listed, every row's MFU uses its FLOPs")
   p.add_argument("--peak_n", type=int, default=2048, help="side of the peak-matmul operands")
   p.add_argument("--data_batches", type=int, default=5,
                  help="batches read to time the data pipeline (0 = skip)")
@@ -179,24 +179,16 @@ def bench_sd(args, peak, impl="auto"):
   ctx = jax.device_put(jax.random.normal(r[2], ctx.shape), batch_sh)
   with parallel.activate(mesh, rules), attention.implementation(impl):
     compiled, compile_s = common.compile_timed(fwd_bwd, params, z0, tt, ctx, eps)
-  # XLA counts no FLOPs inside a cuDNN attention kernel, so the model's FLOPs are
-  # counted on the step lowered with XLA's attention (lowering only, no compile);
-  # where the backend counts no lowered FLOPs (GPU), main() takes them from an xla row.
-  with parallel.activate(mesh, rules), attention.implementation("xla"):
-    flops = common.flops_of(fwd_bwd.lower(params, z0, tt, ctx, eps))
-  if flops != flops:
-    flops = common.flops_of(compiled)
   # Compiled ahead of time, so the first call runs no compiler: no warm-up call,
   # which at ~25 s a step on 2 cores is what keeps the default run short.
   timing = common.time_calls(lambda: compiled(params, z0, tt, ctx, eps), warmup=0,
                              repeats=args.sd_steps)
   return _row(f"sd15 UNet ({n_params / 1e6:.0f}M) {s}x{s} latent", f"fwd+bwd, attention {impl}", b, compiled,
-              compile_s, timing, peak, mesh.size, flops=flops)
+              compile_s, timing, peak, mesh.size)
 
 
-def _row(name, what, batch, compiled, compile_s, timing, peak, n_devices, flops=None):
-  if flops is None:
-    flops = common.flops_of(compiled)  # per device for an SPMD program
+def _row(name, what, batch, compiled, compile_s, timing, peak, n_devices):
+  flops = common.flops_of(compiled)  # per device for an SPMD program
   row = [name, what, batch, compile_s, timing.median, batch / timing.median]
   return row + _rates(flops, timing.median, peak, n_devices), (name, common.memory_of(compiled))
 
@@ -247,7 +239,8 @@ def main(argv=None):
     for impl in args.sd_attention.split(","):
       sd_rows.append(bench_sd(args, peak, impl))
       sd_steps.append((impl, sd_rows[-1][0][4]))
-    # The compiled xla-attention step counts the model's FLOPs (cuDNN's are hidden).
+    # XLA counts no FLOPs inside a cuDNN attention kernel: the xla row's count is the
+    # model's, so every row's MFU uses it (without an xla row a cuDNN row undercounts).
     xla_flops = [r[6] for (r, _), (impl, _) in zip(sd_rows, sd_steps) if impl == "xla"]
     for r, _ in sd_rows:
       if xla_flops:
