@@ -129,6 +129,29 @@ def test_remat_dropout_and_bad_inputs():
     model.init(jax.random.key(0), jnp.ones((1, 4, 4, 3)), t, ctx)
 
 
+def test_patch_size_is_the_unet_on_space_to_depth():
+  # patch_size=p is exactly the p=1 UNet with p^2 x the channels applied to the
+  # space-to-depth latent, its output put back by depth-to-space.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  t, ctx = jnp.array([3, 700]), jnp.ones((2, 3, 8))
+  np.testing.assert_array_equal(unet.depth_to_space(unet.space_to_depth(x, 2), 2), x)
+  assert unet.space_to_depth(x, 2)[0, 1, 2].tolist() == x[0, 2:4, 4:6].reshape(-1).tolist()
+  kw = {**_TINY, "model_channels": 16, "channel_mult": (1, 2), "attention_resolutions": (2,),
+        "num_heads": 2, "context_dim": 8}
+  flat = unet.UNetModel(**{**kw, "in_channels": 12, "out_channels": 12})
+  patched = unet.UNetModel(**{**kw, "in_channels": 3, "out_channels": 3, "patch_size": 2})
+  shapes = nn.unbox(jax.eval_shape(flat.init, jax.random.key(0), unet.space_to_depth(x, 2),
+                                   t, ctx)["params"])
+  rng = np.random.default_rng(0)  # non-zero everywhere (conv_out starts at zero)
+  params = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), shapes)
+  want = unet.depth_to_space(flat.apply({"params": params}, unet.space_to_depth(x, 2), t, ctx), 2)
+  got = patched.apply({"params": params}, x, t, ctx)
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="patch_size"):
+    patched.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)), t[:1], ctx[:1])
+
+
 def test_attention_kernel_choice():
   """'auto' is XLA's kernel off a GPU (cuDNN flash attention needs one and bf16/fp16);
   a forced kernel applies inside the block only, and a misspelt one is refused."""

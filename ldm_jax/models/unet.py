@@ -46,6 +46,25 @@ class TimestepEmbedding(nn.Module):
     return layers.Dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
 
 
+def space_to_depth(x: jax.Array, p: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p patch becomes one pixel, its
+  channels ordered (row in patch, column in patch, channel)."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jax.Array, p: int) -> jax.Array:
+  """The inverse of `space_to_depth`."""
+  if p == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, c // (p * p))
+
+
 class Resample2D(nn.Module):
   """A 3x3 `conv` after 2x nearest upsampling (diffusers Upsample2D) or with stride 2
   (Downsample2D, padding 1)."""
@@ -222,6 +241,11 @@ class UNetModel(nn.Module):
     adm_in_channels: features of continuous `y`.
     dropout: dropout in the resnets when train=True (needs a 'dropout' rng).
     norm_num_groups: GroupNorm groups (32 in every reference model).
+    patch_size: p > 1 runs the UNet on p x p patches of the latent: space-to-depth
+      before conv_in (h/p x w/p, p^2 x in_channels) and depth-to-space after conv_out,
+      as the patchified inputs of DiT and simple diffusion (Hoogeboom et al., 2023). A
+      latent of finer resolution (smaller f) then costs the UNet what a p-times
+      coarser one does. 1 (every reference model) changes nothing.
     remat: rematerialise each resnet / attention block in the backward pass.
     dtype: compute dtype (params stay float32).
   """
@@ -242,6 +266,7 @@ class UNetModel(nn.Module):
   adm_in_channels: Optional[int] = None
   dropout: float = 0.0
   norm_num_groups: int = 32
+  patch_size: int = 1
   remat: bool = False
   dtype: Optional[jnp.dtype] = None
 
@@ -249,10 +274,12 @@ class UNetModel(nn.Module):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"UNetModel: x must be NHWC with in_channels={self.in_channels} "
                        f"channels, got shape {x.shape}")
-    factor = 2 ** (len(self.channel_mult) - 1)
+    if self.patch_size < 1:
+      raise ValueError(f"UNetModel: patch_size={self.patch_size} must be >= 1")
+    factor = 2 ** (len(self.channel_mult) - 1) * self.patch_size
     if x.shape[1] % factor or x.shape[2] % factor:
       raise ValueError(f"UNetModel: height and width {x.shape[1:3]} must be divisible by "
-                       f"{factor} (2 ** (len(channel_mult) - 1))")
+                       f"{factor} (patch_size * 2 ** (len(channel_mult) - 1))")
     if self.context_dim is not None:
       if context is None:
         raise ValueError(f"UNetModel has context_dim={self.context_dim} but got no context")
@@ -296,6 +323,8 @@ class UNetModel(nn.Module):
       emb = emb + layers.Embed(self.num_classes, ted, dtype=self.dtype,
                                name="class_embedding")(y)
 
+    p = self.patch_size
+    x = space_to_depth(x, p)
     h = layers.Conv(mc, 3, dtype=self.dtype, name="conv_in")(x.astype(self.dtype or x.dtype))
     skips = [h]
     levels = len(self.channel_mult)
@@ -311,9 +340,9 @@ class UNetModel(nn.Module):
                   name=f"up_blocks_{k}")(h, skips, emb, context, train)
     h = nn.silu(layers.GroupNorm(self.norm_num_groups, epsilon=1e-5, name="conv_norm_out")(h))
     # The output conv starts at zero (as the reference), so training starts from eps = 0.
-    h = layers.Conv(self.out_channels, 3, dtype=self.dtype, kernel_init=layers.zeros_init(),
-                    name="conv_out")(h.astype(self.dtype or h.dtype))
-    return h.astype(jnp.float32)
+    h = layers.Conv(self.out_channels * p * p, 3, dtype=self.dtype,
+                    kernel_init=layers.zeros_init(), name="conv_out")(h.astype(self.dtype or h.dtype))
+    return depth_to_space(h, p).astype(jnp.float32)
 
 
 PRESETS = {
@@ -344,4 +373,4 @@ def preset(size: str) -> dict:
   """
   if size not in PRESETS:
     raise ValueError(f"unknown UNet preset size {size!r}; choose from {sorted(PRESETS)}")
-  return dict(in_channels=4, out_channels=4, norm_num_groups=32, **PRESETS[size])
+  return dict(in_channels=4, out_channels=4, norm_num_groups=32, patch_size=1, **PRESETS[size])

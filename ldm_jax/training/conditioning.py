@@ -8,6 +8,10 @@ for classifier-free guidance, and how it enters the UNet.
   concat  -- 'none', 'lowres' (super-resolution: the low-res image at latent size),
              'inpaint' (mask + latent of the masked image) or 'layout' (a semantic
              map at latent size); these channels are concatenated to z_t.
+  pooled  -- text only: tau(y) averaged over its tokens is also embedded and added
+             to the time embedding (the UNet's 'continuous' adm input), as SDXL adds
+             its pooled text embedding and Imagen its pooled text: every ResBlock,
+             not only the cross-attention levels, sees the whole caption.
 crossattn + concat is the reference's 'hybrid' key.
 """
 import dataclasses
@@ -88,6 +92,13 @@ def random_masks(rng, n: int, hw: tuple) -> jax.Array:
   return (~inside).astype(jnp.float32)[..., None]
 
 
+def pool(context: jax.Array) -> jax.Array:
+  """(B, L, D) -> (B, D): the mean of tau(y) over all L token positions. Padding
+  positions count too: a bidirectional encoder's states there attend to the caption,
+  as a causal one's do after its last token."""
+  return jnp.mean(context, axis=1)
+
+
 @dataclasses.dataclass
 class Conditioner:
   """Host preparation, device encoding, dropout and concatenation of y."""
@@ -100,6 +111,7 @@ class Conditioner:
   first: object  # the FirstStage
   prompts: tuple
   lowres_factor: int
+  pooled: bool = False
   pretrained: Optional[dict] = None  # tau's loaded weights (CLIP), put in at a fresh start
 
   @classmethod
@@ -112,12 +124,19 @@ class Conditioner:
     if c.concat == "layout" and config.data.source != "latents" and not config.data.get("layout_ext"):
       raise ValueError("config.stage2.conditioning.concat='layout' needs config.data.layout_ext "
                        "(the extension of the layout map beside each image, e.g. 'seg.png')")
+    pooled = bool(c.get("pooled", False))
+    if pooled and c.context != "text":
+      raise ValueError("config.stage2.conditioning.pooled=True needs context='text', "
+                       f"got context={c.context!r}")
+    if pooled and c.classes:
+      raise ValueError("config.stage2.conditioning: pooled=True and classes="
+                       f"{c.classes} both use the UNet's adm input; choose one")
     tokenizer = model = pretrained = None
     trainable = False
     if c.context == "text":
       tokenizer, model, trainable, pretrained = text_from_config(config.stage2.text, config.dtype)
     return cls(c.context, int(c.classes), c.concat, tokenizer, model, trainable, first,
-               tuple(config.stage2.sample.prompts), int(c.lowres_factor), pretrained)
+               tuple(config.stage2.sample.prompts), int(c.lowres_factor), pooled, pretrained)
 
   # -- shapes ----------------------------------------------------------------
   @property
@@ -140,6 +159,8 @@ class Conditioner:
               num_classes=(self.classes + 1) if self.classes else None,
               dtype=jnp.bfloat16 if config.dtype == "bfloat16" else None,
               remat=config.remat)
+    if self.pooled:
+      kw.update(num_classes="continuous", adm_in_channels=self.text_model.width)
     return UNetModel(**kw)
 
   # -- params ----------------------------------------------------------------
@@ -155,6 +176,8 @@ class Conditioner:
     if self.context == "text":
       ctx = jnp.zeros((b, self.tokenizer.max_length, self.text_model.width))
     y = jnp.zeros((b,), jnp.int32) if self.classes else None
+    if self.pooled:
+      y = jnp.zeros((b, self.text_model.width))
     return ctx, y
 
   # -- host side -------------------------------------------------------------
@@ -212,6 +235,8 @@ class Conditioner:
         null = jnp.asarray(self.tokenizer([""]))
         tokens = jnp.where(drop[:, None], null, tokens)
       out["context"] = self._context(trainable, frozen, tokens)
+      if self.pooled:
+        out["y"] = pool(out["context"])
     if self.classes:
       y = batch["label"]
       out["y"] = jnp.where(drop, self.classes, y) if drop is not None else y
@@ -242,6 +267,8 @@ class Conditioner:
     if self.context == "text":
       tokens = negative if negative is not None else jnp.asarray(self.tokenizer([""] * n))
       out["context"] = self._context(trainable, frozen, tokens)
+      if self.pooled:
+        out["y"] = pool(out["context"])
     if self.classes:
       out["y"] = jnp.full((n,), self.classes, jnp.int32)
     return out

@@ -206,7 +206,8 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
       context=context,        # 'text' (cross-attention) | 'none'
       classes=classes,        # class labels for 'adm' conditioning (0 = none)
       concat=concat,          # 'none' | 'lowres' | 'inpaint' | 'layout'
-      lowres_factor=4))       # super-resolution: the low-res image is 1/lowres_factor
+      lowres_factor=4,        # super-resolution: the low-res image is 1/lowres_factor
+      pooled=False))          # text: also add mean-pooled tau(y) to the time embedding (SDXL-like)
   c.schedule = ml_collections.ConfigDict(dict(
       kind="linear", T=1000, linear_start=0.00085, linear_end=0.012,  # SD's scaled-linear
       zero_terminal_snr=False))
