@@ -1,10 +1,14 @@
 """Data throughput: images/s of decode + augment + batch from 256 px JPEG shards,
-with 1 decoding worker and with all, beside what the stage-2 step consumes.
+with 1 decoding worker and with all, beside what the stage-2 step consumes; and
+samples/s of reading a latent cache's shards with the shard reader and with Python's
+tarfile.
 
   python bench/data.py [--num 2000 --resolution 256 --batch 64 --batches 20]
 
 The shards are written once (shapes set, JPEG) into --cache. The consumption rate
 is the tiny txt2img update step's examples/s at the same batch (compiled here).
+The latent shards (--latents samples of 8x8x3 float16 latents + std + caption +
+json, as the tiny default's cache) are written to a temporary folder.
 """
 import argparse
 import os
@@ -23,6 +27,7 @@ def main():
   p.add_argument("--batches", type=int, default=15, help="timed batches per setting")
   p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax", "bench"))
   p.add_argument("--skip_step", action="store_true", help="do not time the stage-2 step")
+  p.add_argument("--latents", type=int, default=10000, help="samples in the latent shards (0 = skip)")
   args = p.parse_args()
 
   from ldm_jax import data
@@ -50,6 +55,53 @@ def main():
     rows.append(["-", "stage-2 tiny step consumes", args.batch, round(step_rate(args.batch), 1)])
   common.print_table(["workers", "what", "batch", "images/s"], rows,
                      title=f"data pipeline ({os.cpu_count()} CPU cores)")
+  if args.latents:
+    tar_reading(args.latents)
+
+
+def tar_reading(n: int) -> None:
+  """Samples/s of grouping a latent cache's tar members by key: `shards.iter_samples`
+  (its own header parser) against the same loop over Python's tarfile."""
+  import glob
+  import tarfile
+  import tempfile
+  import numpy as np
+  from ldm_jax.data import latents, shards
+
+  def with_tarfile(url):
+    with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+      current, key = None, None
+      for member in tar:
+        if member.isfile():
+          k, ext = shards._key_and_ext(member.name)
+          if k != key:
+            if current is not None:
+              yield current
+            current, key = {"__key__": k}, k
+          current[ext] = tar.extractfile(member).read()
+      if current is not None:
+        yield current
+
+  with tempfile.TemporaryDirectory() as tmp:
+    w = latents.LatentShardWriter(tmp, shard_size=1000)
+    z = np.random.default_rng(0).standard_normal((8, 8, 3)).astype(np.float32)
+    for i in range(n):
+      w.add(z, f"a small red star at the top left on a blue background {i}", label=i % 5,
+            std=0.01 * z, meta={"key": f"{i:09d}"})
+    w.close()
+    urls = sorted(glob.glob(os.path.join(tmp, "*.tar")))
+    rows, rates = [], {}
+    for name, read in [("tarfile", with_tarfile), ("shards.iter_samples", shards.iter_samples)]:
+      best = float("inf")
+      for _ in range(3):
+        t = time.perf_counter()
+        count = sum(1 for url in urls for _ in read(url))
+        best = min(best, time.perf_counter() - t)
+      assert count == n, (name, count)
+      rates[name] = n / best
+      rows.append([name, n, round(rates[name]), round(rates[name] / rates["tarfile"], 2)])
+  common.print_table(["reader", "samples", "samples/s", "x tarfile"], rows,
+                     title="latent-cache shards, 4 members a sample (one thread)")
 
 
 def step_rate(batch: int) -> float:

@@ -52,6 +52,42 @@ def test_brace_expansion():
   assert len(shards.expand_braces("x{0..1}-{0..2}")) == 6
 
 
+def test_tar_reader_matches_tarfile(tmp_path):
+  # The shard reader parses tar headers itself; it must list the same files as
+  # Python's tarfile for every format that writes them, and for compressed shards.
+  long_dir = "d" * 120
+  members = [("00001.npy", b"\x93NUMPY" + bytes(300)), ("00001.txt", b""),  # empty member
+             (f"{long_dir}/00002.txt", b"long name"), ("00003.caf\u00e9.txt", b"non-ascii"),
+             ("00004.json", b"{}" * 700)]
+  for fmt, suffix, mode in [(tarfile.USTAR_FORMAT, ".tar", "w"), (tarfile.GNU_FORMAT, ".tar", "w"),
+                            (tarfile.PAX_FORMAT, ".tar", "w"), (tarfile.PAX_FORMAT, ".tar.gz", "w:gz")]:
+    if fmt == tarfile.USTAR_FORMAT:  # ustar splits a long path into prefix + name; no non-ASCII
+      use = [m for m in members if "caf" not in m[0]]
+    else:
+      use = members
+    path = tmp_path / f"f{fmt}{suffix}"
+    with tarfile.open(path, mode, format=fmt) as tar:
+      info = tarfile.TarInfo("subdir")
+      info.type = tarfile.DIRTYPE
+      tar.addfile(info)
+      for name, payload in use:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(path) as tar:
+      want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with open(path, "rb") as f:
+      got = list(shards._files(f))
+    assert got == want == use, fmt
+  raw = (tmp_path / f"f{tarfile.PAX_FORMAT}.tar").read_bytes()
+  bad = bytearray(raw)
+  bad[512] ^= 1  # the first file header's name: its checksum no longer matches
+  after_pax = raw.index(b"00003.caf?.txt")  # the header that a pax header announced
+  for broken in (raw[:after_pax], raw[:len(raw) // 2 + 100], raw[:700], bytes(bad)):
+    with pytest.raises(tarfile.ReadError):
+      list(shards._files(io.BytesIO(broken)))
+
+
 def test_shapes_shards_stream(tmp_path):
   pattern = make_shapes.write_shards(str(tmp_path), 30, 32, shard_size=10)
   it = data.make_iterator(cfg(source="wds", shards=pattern, resolution=32), batch_size=8)

@@ -70,24 +70,130 @@ def _key_and_ext(name: str) -> tuple[str, str]:
   return name[:dot], name[dot + 1:].lower()
 
 
+_BLOCK = 512
+_END = bytes(_BLOCK)
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: read through tarfile
+
+
+def _number(field: bytes) -> int:
+  """A header number: octal text, or GNU base-256 (first byte 0x80) for large sizes."""
+  if field[:1] == b"\x80":
+    return int.from_bytes(field[1:], "big")
+  text = field.split(b"\0", 1)[0].strip()
+  return int(text, 8) if text else 0
+
+
+def _read(f, n: int) -> bytes:
+  """n bytes (fewer only at the end of the stream), over short reads of remote files."""
+  out = f.read(n)
+  while len(out) < n:
+    more = f.read(n - len(out))
+    if not more:
+      break
+    out += more
+  return out
+
+
+def _pax_path(records: bytes):
+  """The 'path' of a pax extended header ('%d path=...\\n' records), or None."""
+  i, path = 0, None
+  while i < len(records):
+    space = records.index(b" ", i)
+    length = int(records[i:space])
+    key, _, value = records[space + 1:i + length - 1].partition(b"=")
+    if key == b"path":
+      path = value
+    i += length
+  return path
+
+
+def _tar_files(f, head: bytes) -> Iterator[tuple]:
+  """(name, data) of each regular file of an uncompressed tar stream whose first
+  512 bytes, already read, are `head`.
+
+  Reads the headers directly (ustar, GNU long names, pax paths): on shards of many
+  small members (a latent cache holds four per sample, some 100 bytes each) Python's
+  tarfile spent most of the reading time building its member objects. Raises
+  tarfile.ReadError on a bad header checksum or a truncated member.
+  """
+  long_name = None
+  header = head
+  while header:
+    if len(header) < _BLOCK:
+      raise tarfile.ReadError("truncated tar header")
+    if header == _END:
+      return
+    if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+      raise tarfile.ReadError("bad tar header checksum")
+    size, kind = _number(header[124:136]), header[156:157]
+    data = _read(f, size)
+    if len(data) < size:
+      raise tarfile.ReadError("truncated tar member")
+    if size % _BLOCK and len(_read(f, _BLOCK - size % _BLOCK)) < _BLOCK - size % _BLOCK:
+      raise tarfile.ReadError("truncated tar member")
+    if kind == b"L":                     # GNU: the next member's long name
+      long_name = data.split(b"\0", 1)[0]
+    elif kind == b"x":                   # pax: the next member's attributes
+      long_name = _pax_path(data) or long_name
+    elif kind in (b"0", b"\0", b"7"):    # a regular file
+      name = long_name
+      if name is None:
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+        if prefix:
+          name = prefix + b"/" + name
+      long_name = None
+      yield name.decode("utf-8", "surrogateescape"), data
+    elif kind != b"g":                   # directories, links, devices: skipped
+      long_name = None
+    header = _read(f, _BLOCK)
+  if long_name is not None:
+    raise tarfile.ReadError("tar ends after a long-name header")
+
+
+class _Prefixed:
+  """A read-only stream: `head`, then the rest of `f` (to hand tarfile a stream
+  whose first bytes were already read)."""
+
+  def __init__(self, head: bytes, f):
+    self.head, self.f = head, f
+
+  def read(self, n: int = -1) -> bytes:
+    if not self.head:
+      return self.f.read(n)
+    if n < 0:
+      out, self.head = self.head + self.f.read(), b""
+      return out
+    out, self.head = self.head[:n], self.head[n:]
+    return out + (self.f.read(n - len(out)) if len(out) < n else b"")
+
+
+def _files(f) -> Iterator[tuple]:
+  head = _read(f, _BLOCK)
+  if head.startswith(_COMPRESSED):
+    with tarfile.open(fileobj=_Prefixed(head, f), mode="r|*") as tar:
+      for member in tar:
+        if member.isfile():
+          yield member.name, tar.extractfile(member).read()
+  else:
+    yield from _tar_files(f, head)
+
+
 def iter_samples(url: str) -> Iterator[dict]:
-  """Yields the grouped samples of one tar shard, in tar order.
+  """Yields the grouped samples of one tar shard (plain, or gzip / bzip2 / xz
+  compressed), in tar order.
 
   Raises whatever opening or reading raises (missing shard, truncated tar); the
   caller counts and skips. Samples read before an error have been yielded.
   """
   with fsspec.open(url, "rb") as f:
-    with tarfile.open(fileobj=f, mode="r|*") as tar:
-      current, key = None, None
-      for member in tar:
-        if not member.isfile():
-          continue
-        k, ext = _key_and_ext(member.name)
-        data = tar.extractfile(member).read()
-        if k != key:
-          if current is not None:
-            yield current
-          current, key = {"__key__": k, "__url__": url}, k
-        current[ext] = data
-      if current is not None:
-        yield current
+    current, key = None, None
+    for name, data in _files(f):
+      k, ext = _key_and_ext(name)
+      if k != key:
+        if current is not None:
+          yield current
+        current, key = {"__key__": k, "__url__": url}, k
+      current[ext] = data
+    if current is not None:
+      yield current
