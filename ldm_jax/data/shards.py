@@ -123,7 +123,9 @@ def _tar_files(f, head: bytes) -> Iterator[tuple]:
       raise tarfile.ReadError("truncated tar header")
     if header == _END:
       return
-    if _number(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+    stored, unsigned = _number(header[148:156]), sum(header[:148]) + 256 + sum(header[156:])
+    if stored != unsigned and stored != unsigned - 256 * sum(  # old tars summed signed bytes
+        1 for byte in header[:148] + header[156:] if byte > 127):
       raise tarfile.ReadError("bad tar header checksum")
     size, kind = _number(header[124:136]), header[156:157]
     data = _read(f, size)
