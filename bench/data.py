@@ -63,24 +63,13 @@ def tar_reading(n: int) -> None:
   """Samples/s of grouping a latent cache's tar members by key: `shards.iter_samples`
   (its own header parser) against the same loop over Python's tarfile."""
   import glob
-  import tarfile
   import tempfile
   import numpy as np
   from ldm_jax.data import latents, shards
 
   def with_tarfile(url):
-    with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-      current, key = None, None
-      for member in tar:
-        if member.isfile():
-          k, ext = shards._key_and_ext(member.name)
-          if k != key:
-            if current is not None:
-              yield current
-            current, key = {"__key__": k}, k
-          current[ext] = tar.extractfile(member).read()
-      if current is not None:
-        yield current
+    with open(url, "rb") as f:
+      yield from shards.group(shards.tarfile_files(f), url)
 
   with tempfile.TemporaryDirectory() as tmp:
     w = latents.LatentShardWriter(tmp, shard_size=1000)

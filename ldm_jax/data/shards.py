@@ -170,15 +170,34 @@ class _Prefixed:
     return out + (self.f.read(n - len(out)) if len(out) < n else b"")
 
 
+def tarfile_files(f) -> Iterator[tuple]:
+  """(name, data) of each regular file, through Python's tarfile (any compression)."""
+  with tarfile.open(fileobj=f, mode="r|*") as tar:
+    for member in tar:
+      if member.isfile():
+        yield member.name, tar.extractfile(member).read()
+
+
 def _files(f) -> Iterator[tuple]:
   head = _read(f, _BLOCK)
   if head.startswith(_COMPRESSED):
-    with tarfile.open(fileobj=_Prefixed(head, f), mode="r|*") as tar:
-      for member in tar:
-        if member.isfile():
-          yield member.name, tar.extractfile(member).read()
+    yield from tarfile_files(_Prefixed(head, f))
   else:
     yield from _tar_files(f, head)
+
+
+def group(files: Iterator[tuple], url: str) -> Iterator[dict]:
+  """Samples from (name, data) pairs in tar order: consecutive members sharing a key."""
+  current, key = None, None
+  for name, data in files:
+    k, ext = _key_and_ext(name)
+    if k != key:
+      if current is not None:
+        yield current
+      current, key = {"__key__": k, "__url__": url}, k
+    current[ext] = data
+  if current is not None:
+    yield current
 
 
 def iter_samples(url: str) -> Iterator[dict]:
@@ -189,13 +208,4 @@ def iter_samples(url: str) -> Iterator[dict]:
   caller counts and skips. Samples read before an error have been yielded.
   """
   with fsspec.open(url, "rb") as f:
-    current, key = None, None
-    for name, data in _files(f):
-      k, ext = _key_and_ext(name)
-      if k != key:
-        if current is not None:
-          yield current
-        current, key = {"__key__": k, "__url__": url}, k
-      current[ext] = data
-    if current is not None:
-      yield current
+    yield from group(_files(f), url)
