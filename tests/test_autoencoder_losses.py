@@ -37,6 +37,20 @@ def test_nll_rec_kl_closed_form():
     L.rec_loss(x, xh, "l3")
 
 
+def test_gradient_difference_term_closed_form():
+  """w_g * pen(grad x - grad x_hat) summed with the pixel term; a constant offset has none."""
+  rs = np.random.RandomState(1)
+  x, xh = rs.uniform(-1, 1, (2, 5, 4, 3)), rs.uniform(-1, 1, (2, 5, 4, 3))
+  for kind, pen in (("l1", np.abs), ("l2", np.square)):
+    gy, gx = np.zeros_like(x), np.zeros_like(x)
+    gy[:, :-1] = pen((x[:, 1:] - x[:, :-1]) - (xh[:, 1:] - xh[:, :-1]))
+    gx[:, :, :-1] = pen((x[:, :, 1:] - x[:, :, :-1]) - (xh[:, :, 1:] - xh[:, :, :-1]))
+    np.testing.assert_allclose(L.rec_loss(x, xh, kind, gradient_weight=2.5),
+                               pen(x - xh) + 2.5 * (gy + gx), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(L.rec_loss(x, x + 0.3, "l2", gradient_weight=10.0),
+                             np.full_like(x, 0.09), rtol=1e-5)
+
+
 def test_adaptive_weight_matches_finite_differences():
   rs = np.random.RandomState(0)
   feats = jnp.asarray(rs.randn(2, 6, 6, 4), jnp.float32)

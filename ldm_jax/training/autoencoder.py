@@ -60,6 +60,13 @@ def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collec
   c.b2 = 0.9 if size == "ref" else 0.999
   c.loss = ml_collections.ConfigDict()
   c.loss.rec = "l1" if size == "ref" else "l2"  # pixel term; tiny: l2 learns small shapes sooner
+  # Weight w_g of the same penalty on the images' finite differences (the gradient-
+  # difference loss), which charges a blurred outline where the pixel term hardly does.
+  # tiny: 10, since without LPIPS (its VGG weights are a download) the pixel term alone
+  # decodes small stars and crosses as round blobs. Shapes, 1600 steps, 200 held-out
+  # images, kind kept by the round trip: w_g 0 / 1 / 3 / 10 / 30: 47.5 / 54 / 51 / 82.5 /
+  # 82.5%, PSNR 27.2 -> 28.8 dB at 10 (H100, float32).
+  c.loss.gradient_weight = 0.0 if size == "ref" else 10.0
   c.loss.perceptual_weight = 1.0     # LPIPS weight w_p; only used when both paths below are set
   c.loss.lpips_vgg_path = ""         # torchvision vgg16 state dict (features.*); "" = no LPIPS
   c.loss.lpips_lin_path = ""         # lpips weights/v0.1/vgg.pth (lin0..lin4); "" = no LPIPS
@@ -166,7 +173,7 @@ class AutoencoderTask:
 
     def nll_of(xh):
       p = self.lpips[0].apply({"params": self.lpips[1]}, x, xh) if self.lpips else None
-      rec = L.rec_loss(x, xh, lc.rec, p, lc.perceptual_weight)
+      rec = L.rec_loss(x, xh, lc.rec, p, lc.perceptual_weight, lc.gradient_weight)
       nll = L.nll_loss(rec, params["logvar"]) if c.kind == "kl" else jnp.mean(rec)
       return nll, rec
 

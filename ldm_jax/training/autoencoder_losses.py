@@ -4,7 +4,8 @@ VQLPIPSWithDiscriminator, in the paper's symbols).
 KL model:  L = sum(rec / exp(logvar) + logvar) / B + kl_weight * KL
                + lambda * disc_factor * G
 VQ model:  L = mean(rec) + codebook_weight * L_vq + lambda * disc_factor * G
-with rec = |x - x_hat| (or squared) + w_p * LPIPS(x, x_hat), G = -mean(D(x_hat)),
+with rec = |x - x_hat| (or squared) + w_g * the same of its image gradients
++ w_p * LPIPS(x, x_hat), G = -mean(D(x_hat)),
 and the discriminator trained on disc_factor * hinge/vanilla(D(x), D(sg[x_hat])).
 """
 from typing import Callable
@@ -20,16 +21,26 @@ def kl_loss(mean, logvar):
   return jnp.mean(kl)
 
 
-def rec_loss(x, x_hat, kind: str = "l1", p_loss=None, perceptual_weight: float = 1.0):
+def rec_loss(x, x_hat, kind: str = "l1", p_loss=None, perceptual_weight: float = 1.0,
+             gradient_weight: float = 0.0):
   """Per-element reconstruction loss (B, H, W, C): |x - x_hat| or (x - x_hat)^2, plus
-  `perceptual_weight * p_loss` broadcast from a per-example LPIPS (B,) when given."""
+  `perceptual_weight * p_loss` broadcast from a per-example LPIPS (B,) when given, plus
+  `gradient_weight` times the same penalty on the difference of the images' finite
+  differences along H and W (the gradient-difference loss of Mathieu et al., 2016)."""
   d = x.astype(jnp.float32) - x_hat.astype(jnp.float32)
   if kind == "l1":
-    r = jnp.abs(d)
+    pen = jnp.abs
   elif kind == "l2":
-    r = jnp.square(d)
+    pen = jnp.square
   else:
     raise ValueError(f"stage1.loss.rec: expected 'l1' or 'l2', got {kind!r}")
+  r = pen(d)
+  if gradient_weight:
+    # d's finite differences are grad(x) - grad(x_hat); each is charged to the pixel it
+    # starts from (the last row / column has none).
+    gy = jnp.pad(pen(d[:, 1:] - d[:, :-1]), ((0, 0), (0, 1), (0, 0), (0, 0)))
+    gx = jnp.pad(pen(d[:, :, 1:] - d[:, :, :-1]), ((0, 0), (0, 0), (0, 1), (0, 0)))
+    r = r + gradient_weight * (gy + gx)
   if p_loss is not None:
     r = r + perceptual_weight * p_loss.reshape((-1,) + (1,) * (r.ndim - 1))
   return r
