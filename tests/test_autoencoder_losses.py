@@ -140,3 +140,7 @@ def test_config_validation():
   cfg.stage1.image_size = 30
   with pytest.raises(ValueError, match="stage1.image_size"):
     AutoencoderTask(cfg)
+  cfg.stage1 = default_config("kl", 4, "tiny")
+  cfg.stage1.loss.gradient_weight = -1.0
+  with pytest.raises(ValueError, match="stage1.loss.gradient_weight"):
+    AutoencoderTask(cfg)

@@ -108,6 +108,8 @@ class AutoencoderTask:
     if c.image_size // 2 ** c.loss.disc_layers < 3:  # the two stride-1 4x4 convs need >= 3x3
       raise ValueError(f"stage1.loss.disc_layers={c.loss.disc_layers} downsamples "
                        f"stage1.image_size={c.image_size} below 3x3 patches")
+    if c.loss.gradient_weight < 0:
+      raise ValueError(f"stage1.loss.gradient_weight={c.loss.gradient_weight}: must be >= 0")
     if c.loss.disc_loss not in L.DISC_LOSSES:
       raise ValueError(f"stage1.loss.disc_loss: expected one of {sorted(L.DISC_LOSSES)}, got {c.loss.disc_loss!r}")
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(config.get("dtype", "float32"), "?")
