@@ -2,6 +2,7 @@
 delivered once per epoch across processes, and bad input is skipped and counted."""
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -39,9 +40,11 @@ def write_tar(path, members):
 
 
 def good_members(start, n, size=20):
+  """n samples keyed by index: a noise image (so any crop or flip shows), a caption
+  and a json label."""
   out = []
   for i in range(start, start + n):
-    img = Image.new("RGB", (size, size), (i * 7 % 255, 10, 20))
+    img = Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size + 4, 3), np.uint8))
     out += [(f"{i:05d}.png", _png(img)), (f"{i:05d}.txt", f"caption {i}".encode()),
             (f"{i:05d}.json", json.dumps({"label": i}).encode())]
   return out
@@ -136,18 +139,74 @@ def test_make_shapes_cli(tmp_path):
 
 
 def test_resume_is_exact(tmp_path):
+  # With random crops and flips on, the resumed stream repeats the images too.
   for s in range(3):
     write_tar(tmp_path / f"d-{s}.tar", good_members(s * 10, 10))
-  c = cfg(source="wds", shards=str(tmp_path / "d-{0..2}.tar"))
+  c = cfg(source="wds", shards=str(tmp_path / "d-{0..2}.tar"), crop="random", flip=True)
   ref = data.make_iterator(c, batch_size=4, seed=3)
-  stream = [next(ref)["caption"].tolist() for _ in range(20)]  # crosses epochs
+  stream = [next(ref) for _ in range(20)]  # crosses epochs
   it = data.make_iterator(c, batch_size=4, seed=3)
   for _ in range(5):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
+  assert state["emitted"] not in (0, c.shuffle_buffer)  # mid-block
   resumed = data.make_iterator(c, batch_size=4, seed=3)
   resumed.set_state(state)
-  assert [next(resumed)["caption"].tolist() for _ in range(15)] == stream[5:]
+  for want in stream[5:]:
+    got = next(resumed)
+    assert got["caption"].tolist() == want["caption"].tolist()
+    np.testing.assert_array_equal(got["image"], want["image"])
+  # the same image in two epochs: another crop / flip (the epoch is in the draw)
+  first = {c_: im for b in stream[:7] for c_, im in zip(b["caption"], b["image"])}
+  later = {c_: im for b in stream[8:15] for c_, im in zip(b["caption"], b["image"])}
+  assert any(not np.array_equal(first[k], later[k]) for k in set(first) & set(later))
+
+
+_STREAM = """
+import hashlib, json, sys
+from ldm_jax import data
+c = data.default_config()
+c.source, c.shards, c.resolution, c.shuffle_buffer, c.workers = "wds", sys.argv[1], 16, 7, 2
+c.crop, c.flip = "random", True
+def digest(b):
+  return hashlib.sha256(b["image"].tobytes()).hexdigest() + repr(b["caption"].tolist())
+fresh = data.make_iterator(c, batch_size=4, seed=5)
+out = {"fresh": [digest(next(fresh)) for _ in range(3)]}
+fresh = data.make_iterator(c, batch_size=4, seed=5)
+next(fresh)
+out["state"] = fresh.get_state()
+if len(sys.argv) > 2:
+  resumed = data.make_iterator(c, batch_size=4, seed=5)
+  resumed.set_state(json.loads(sys.argv[2]))
+  out["resumed"] = [digest(next(resumed)) for _ in range(2)]
+print(json.dumps(out))
+"""
+
+
+def test_augmentation_is_the_same_in_every_interpreter(tmp_path):
+  # Two fresh processes with different string hashing read the same first batches
+  # (random crop and flip on), and one resumes the other's saved position exactly.
+  for s in range(2):
+    write_tar(tmp_path / f"d-{s}.tar", good_members(s * 6, 6))
+  pattern = str(tmp_path / "d-{0..1}.tar")
+
+  def run(hash_seed, *args):
+    env = dict(os.environ, PYTHONHASHSEED=str(hash_seed))
+    out = subprocess.run([sys.executable, "-c", _STREAM, pattern, *args], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+  a = run(1)
+  b = run(2, json.dumps(a["state"]))
+  assert b["fresh"] == a["fresh"]
+  assert b["resumed"] == a["fresh"][1:]
+
+
+def test_key_hash_is_stable():
+  from ldm_jax.data.pipeline import key_hash
+  assert key_hash("000000001") == key_hash("000000001") != key_hash("000000002")
+  assert 0 <= key_hash("caf\udce9") < 2 ** 64  # undecodable bytes of a tar name
 
 
 @pytest.mark.parametrize("n_shards", [4, 1])

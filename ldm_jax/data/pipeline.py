@@ -11,8 +11,11 @@ samples, each block permuted by (seed, epoch, process, block). The position is
 
 Decoding runs on a pool of `workers` threads (PIL releases the GIL while
 decoding); results keep their order, so parallelism never changes the stream.
+A sample's random crop and flip are drawn from (seed, a stable hash of its key,
+epoch), so every interpreter and every resumed run sees the same augmentation.
 """
 import concurrent.futures
+import hashlib
 import logging
 import os
 from typing import Iterator, Optional
@@ -53,6 +56,13 @@ def default_config() -> ml_collections.ConfigDict:
       name="", split="train", image_key="image", label_key="label", caption_key="",
       data_dir=""))
   return c
+
+
+def key_hash(key: str) -> int:
+  """A 64-bit hash of a sample key that every interpreter agrees on (Python's
+  `hash` of a str changes with PYTHONHASHSEED)."""
+  digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+  return int.from_bytes(digest, "little")
 
 
 class Stats:
@@ -130,8 +140,8 @@ class WebDatasetIterator:
         else (self.epoch + 1, 0, 0)
 
   def _decode(self, args):
-    i, sample = args
-    rng = np.random.default_rng([self.seed, hash(sample.get("__key__", "")) & 0x7FFFFFFF, i])
+    epoch, sample = args
+    rng = np.random.default_rng([self.seed, key_hash(sample["__key__"]), epoch])
     counts: dict = {}
     try:
       return decode.decode_sample(sample, self.cfg, rng, counts), counts, None
