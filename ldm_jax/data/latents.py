@@ -20,11 +20,7 @@ from typing import Callable, Iterable, Optional
 import fsspec
 import numpy as np
 
-
-def _add(tar, name: str, data: bytes) -> None:
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
+from ldm_jax.data.shards import add_member
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -54,11 +50,11 @@ class LatentShardWriter:
     if self._tar is None:
       self._tar = tarfile.open(self._path(self.shards) + ".tmp", "w")
     key = f"{self.count:09d}"
-    _add(self._tar, key + ".npy", _npy(np.asarray(z).astype(self.dtype)))
+    add_member(self._tar, key + ".npy", _npy(np.asarray(z).astype(self.dtype)))
     if std is not None:
-      _add(self._tar, key + ".std.npy", _npy(np.asarray(std).astype(self.dtype)))
-    _add(self._tar, key + ".txt", str(caption).encode())
-    _add(self._tar, key + ".json", json.dumps(dict(meta or {}, label=int(label))).encode())
+      add_member(self._tar, key + ".std.npy", _npy(np.asarray(std).astype(self.dtype)))
+    add_member(self._tar, key + ".txt", str(caption).encode())
+    add_member(self._tar, key + ".json", json.dumps(dict(meta or {}, label=int(label))).encode())
     self.count, self._in_shard = self.count + 1, self._in_shard + 1
     if self._in_shard == self.shard_size:
       self._close_shard()

@@ -17,13 +17,7 @@ import time
 from PIL import Image
 
 from ldm_jax.data import shapes
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  info.mtime = 0  # byte-identical shards for the same arguments
-  tar.addfile(info, io.BytesIO(data))
+from ldm_jax.data.shards import add_member
 
 
 def write_shards(out: str, num: int, resolution: int, *, seed: int = 0, split: str = "train",
@@ -43,13 +37,13 @@ def write_shards(out: str, num: int, resolution: int, *, seed: int = 0, split: s
                                   **({"quality": 95} if ext == "jpg" else {}))
         key = f"{i:08d}"
         meta = dict(meta, width=resolution, height=resolution)
-        _add(tar, f"{key}.{ext}", buf.getvalue())
-        _add(tar, f"{key}.txt", cap.encode())
-        _add(tar, f"{key}.json", json.dumps(meta).encode())
+        add_member(tar, f"{key}.{ext}", buf.getvalue())
+        add_member(tar, f"{key}.txt", cap.encode())
+        add_member(tar, f"{key}.json", json.dumps(meta).encode())
         seg = io.BytesIO()  # the layout / semantic map (configs/layout.py)
         Image.fromarray(shapes.layout_map(shapes.sample_attrs(seed, i, split), resolution)
                         ).save(seg, format="PNG")
-        _add(tar, f"{key}.seg.png", seg.getvalue())
+        add_member(tar, f"{key}.seg.png", seg.getvalue())
     os.replace(tmp, path)
   return os.path.join(out, "shapes-{%05d..%05d}.tar" % (0, n_shards - 1))
 
