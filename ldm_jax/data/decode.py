@@ -1,8 +1,10 @@
 """Bytes -> model inputs: image decoding in any PIL mode, resize / crop / flip,
 captions, labels, and the LAION metadata filters. Every failure is a `Skip`
-naming its kind, which the pipeline counts instead of crashing."""
+naming its kind, which the pipeline counts instead of crashing; metadata is
+untrusted (a json number may be Infinity, a string, or too large for an int)."""
 import io
 import json
+import math
 import threading
 from typing import Optional
 
@@ -35,13 +37,32 @@ def to_rgb(img: Image.Image) -> Image.Image:
   return img.convert("RGB")
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_side: int = 0, max_pixels: int = 0) -> Image.Image:
+  """An RGB image of encoded bytes.
+
+  Args:
+    data: the file's bytes (any format PIL reads).
+    max_side, max_pixels: caps checked on the header's size before the pixels are
+      decoded (0 = no cap): a PNG of a few hundred bytes can hold a 1 x 200000 image.
+
+  Raises:
+    Skip: 'corrupt_image', or 'image_too_large' past a cap (or PIL's own bomb guard).
+  """
   if not data:
     raise Skip("corrupt_image", "zero-byte image")
   try:
-    img = Image.open(io.BytesIO(data))
-    img.load()
+    img = Image.open(io.BytesIO(data))  # reads the header only
+  except Image.DecompressionBombError as e:
+    raise Skip("image_too_large", str(e)) from e
   except Exception as e:  # PIL raises many types for bad files
+    raise Skip("corrupt_image", str(e)) from e
+  w, h = img.size
+  if (max_side and max(w, h) > max_side) or (max_pixels and w * h > max_pixels):
+    raise Skip("image_too_large", f"{w}x{h} past max_image_side={max_side} / "
+               f"max_image_pixels={max_pixels}")
+  try:
+    img.load()
+  except Exception as e:
     raise Skip("corrupt_image", str(e)) from e
   return to_rgb(img)
 
@@ -63,13 +84,27 @@ def crop_geometry(size: tuple, resolution: int, crop: str, flip: bool,
 def apply_geometry(img: Image.Image, geometry: tuple, resolution: int,
                    nearest: bool = False) -> np.ndarray:
   """Resizes, crops and flips `img` as `geometry` says. Label maps use `nearest`
-  so that no new (in-between) classes appear at their edges."""
+  so that no new (in-between) classes appear at their edges.
+
+  Only the crop is resampled: resizing the whole image first costs the resized
+  size, which for a 1 x 3000 image at 256 is 256 x 768000 pixels. Filters go
+  through PIL's resize `box` (they still reach the pixels around it); `nearest`
+  takes the source pixel under each output pixel's centre, in integers (PIL's
+  nearest steps in 16.16 fixed point).
+  """
   nw, nh, x0, y0, flipped = geometry
-  if (nw, nh) != img.size:
-    upscaled = nw > img.size[0]
-    img = img.resize((nw, nh), Image.NEAREST if nearest else
-                     (Image.BICUBIC if upscaled else Image.LANCZOS))
-  a = np.asarray(img.crop((x0, y0, x0 + resolution, y0 + resolution)))
+  w, h = img.size
+  if (nw, nh) == (w, h):
+    a = np.asarray(img.crop((x0, y0, x0 + resolution, y0 + resolution)))
+  elif nearest:
+    cols = ((2 * np.arange(x0, x0 + resolution) + 1) * w) // (2 * nw)
+    rows = ((2 * np.arange(y0, y0 + resolution) + 1) * h) // (2 * nh)
+    a = np.asarray(img)[rows][:, cols]
+  else:
+    sx, sy = w / nw, h / nh
+    a = np.asarray(img.resize(
+        (resolution, resolution), Image.BICUBIC if nw > w else Image.LANCZOS,
+        box=(x0 * sx, y0 * sy, (x0 + resolution) * sx, (y0 + resolution) * sy)))
   return a[:, ::-1] if flipped else a
 
 
@@ -94,14 +129,57 @@ def read_text(data: Optional[bytes], counts: dict) -> Optional[str]:
     return data.decode("utf-8", errors="replace").strip()
 
 
-def read_json(data: Optional[bytes]) -> dict:
+def read_json(data: Optional[bytes], counts: dict) -> dict:
+  """The json object of a sample's .json ({} when absent; counted as 'bad_json'
+  when it is not an object, and the sample goes on without metadata)."""
   if not data:
     return {}
   try:
     out = json.loads(data.decode("utf-8", errors="replace"))
-    return out if isinstance(out, dict) else {}
-  except json.JSONDecodeError:
+  except (json.JSONDecodeError, RecursionError):
+    out = None
+  if not isinstance(out, dict):
+    counts["bad_json"] = counts.get("bad_json", 0) + 1
     return {}
+  return out
+
+
+def _meta_number(meta: dict, *keys: str):
+  """The first of `keys` present in `meta`, as a finite number; None when none is.
+
+  Raises:
+    Skip('bad_metadata'): for a string, bool, list ... or a non-finite number.
+  """
+  for k in keys:
+    v = meta.get(k)
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      raise Skip("bad_metadata", f"json {k}={str(v)[:50]!r}")
+    return v
+  return None
+
+
+def read_label(meta: dict, key: str) -> int:
+  """The class label in json field `key` (an integer in [-1, 2**31), or its
+  decimal text); -1 when `key` is '' or the field is absent.
+
+  Raises:
+    Skip('bad_label'): a present label that is not such an integer (3.5, Infinity,
+      1e30, 'cat'), which would crash or silently mislabel a batch.
+  """
+  v = meta.get(key) if key else None
+  if v is None:
+    return -1
+  if isinstance(v, str):
+    try:
+      v = int(v)
+    except ValueError:
+      pass
+  if (isinstance(v, bool) or not isinstance(v, (int, float))
+      or (isinstance(v, float) and not v.is_integer()) or not -1 <= v < 2 ** 31):
+    raise Skip("bad_label", f"json {key}={str(v)[:50]!r}")
+  return int(v)
 
 
 # np.load parses the .npy header with ast.literal_eval, which CPython 3.11 does not
@@ -117,20 +195,51 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def check_filters(meta: dict, size: tuple, cfg) -> None:
-  """LAION-style metadata filters; raises Skip('filtered') when one fails."""
-  w = meta.get("width") or meta.get("original_width") or size[0]
-  h = meta.get("height") or meta.get("original_height") or size[1]
-  if cfg.min_size and min(w, h) < cfg.min_size:
-    raise Skip("filtered", f"size {w}x{h} < min_size {cfg.min_size}")
-  aes = meta.get("aesthetic", meta.get("AESTHETIC_SCORE"))
-  if cfg.min_aesthetic and (aes is None or aes < cfg.min_aesthetic):
-    raise Skip("filtered", f"aesthetic {aes} < {cfg.min_aesthetic}")
-  pu = meta.get("punsafe")
-  if cfg.max_punsafe < 1.0 and pu is not None and pu > cfg.max_punsafe:
-    raise Skip("filtered", f"punsafe {pu} > {cfg.max_punsafe}")
-  pw = meta.get("pwatermark")
-  if cfg.max_pwatermark < 1.0 and pw is not None and pw > cfg.max_pwatermark:
-    raise Skip("filtered", f"pwatermark {pw} > {cfg.max_pwatermark}")
+  """LAION-style metadata filters; only the fields of the filters that are on are read.
+
+  Raises:
+    Skip: 'filtered' when a filter fails, 'bad_metadata' when a field it reads is
+      not a finite number.
+  """
+  if cfg.min_size:
+    w = _meta_number(meta, "width", "original_width") or size[0]
+    h = _meta_number(meta, "height", "original_height") or size[1]
+    if min(w, h) < cfg.min_size:
+      raise Skip("filtered", f"size {w}x{h} < min_size {cfg.min_size}")
+  if cfg.min_aesthetic:
+    aes = _meta_number(meta, "aesthetic", "AESTHETIC_SCORE")
+    if aes is None or aes < cfg.min_aesthetic:
+      raise Skip("filtered", f"aesthetic {aes} < {cfg.min_aesthetic}")
+  if cfg.max_punsafe < 1.0:
+    pu = _meta_number(meta, "punsafe")
+    if pu is not None and pu > cfg.max_punsafe:
+      raise Skip("filtered", f"punsafe {pu} > {cfg.max_punsafe}")
+  if cfg.max_pwatermark < 1.0:
+    pw = _meta_number(meta, "pwatermark")
+    if pw is not None and pw > cfg.max_pwatermark:
+      raise Skip("filtered", f"pwatermark {pw} > {cfg.max_pwatermark}")
+
+
+def read_caption(sample: dict, meta: dict, cfg, counts: dict) -> str:
+  """The sample's caption: its .txt, else the json field `cfg.caption_key`.
+
+  Raises:
+    Skip: with `cfg.require_caption`, 'no_caption' when there is none and
+      'empty_caption' when it is only whitespace; 'bad_caption' for a json caption
+      that is not a string.
+  """
+  caption = read_text(sample.get("txt"), counts)
+  if not caption and cfg.caption_key and meta.get(cfg.caption_key) is not None:
+    caption = meta[cfg.caption_key]
+    if not isinstance(caption, str):
+      raise Skip("bad_caption", f"json {cfg.caption_key}={str(caption)[:50]!r}")
+    caption = caption.strip()
+  if not caption:
+    if cfg.require_caption:
+      raise Skip("no_caption" if caption is None else "empty_caption",
+                 sample.get("__key__", "?"))
+    caption = ""
+  return caption
 
 
 def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> dict:
@@ -143,24 +252,21 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
     if "npy" not in sample:
       raise Skip("no_latent", sample.get("__key__", "?"))
     latent = load_npy(sample["npy"])
+    if latent.ndim != 3:
+      raise Skip("bad_latent", f"{sample.get('__key__', '?')}: shape {latent.shape}")
     caption = read_text(sample.get("txt"), counts) or ""
-    meta = read_json(sample.get("json"))
-    out = {"latent": latent, "caption": caption, "label": int(meta.get(cfg.label_key, -1))}
+    meta = read_json(sample.get("json"), counts)
+    out = {"latent": latent, "caption": caption, "label": read_label(meta, cfg.label_key)}
     if "std.npy" in sample:  # the posterior's std: stage 2 draws z = latent + std * eps
       out["latent_std"] = load_npy(sample["std.npy"])
     return out
   ext = next((e for e in IMAGE_EXTS if e in sample), None)
   if ext is None:
     raise Skip("no_image", sample.get("__key__", "?"))
-  meta = read_json(sample.get("json"))
-  caption = read_text(sample.get("txt"), counts)
-  if caption is None and cfg.caption_key:
-    caption = meta.get(cfg.caption_key)
-  if caption is None:
-    if cfg.require_caption:
-      raise Skip("no_caption", sample.get("__key__", "?"))
-    caption = ""
-  img = decode_image(sample[ext])
+  meta = read_json(sample.get("json"), counts)
+  caption = read_caption(sample, meta, cfg, counts)
+  label = read_label(meta, cfg.label_key)
+  img = decode_image(sample[ext], cfg.max_image_side, cfg.max_image_pixels)
   check_filters(meta, img.size, cfg)
   geometry = crop_geometry(img.size, cfg.resolution, cfg.crop, cfg.flip, rng)
   a = apply_geometry(img, geometry, cfg.resolution)
@@ -170,15 +276,10 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
   if cfg.layout_ext:  # a semantic / layout map beside the image, cropped the same way
     if cfg.layout_ext not in sample:
       raise Skip("no_layout", sample.get("__key__", "?"))
-    layout = decode_image(sample[cfg.layout_ext])
+    layout = decode_image(sample[cfg.layout_ext], cfg.max_image_side, cfg.max_image_pixels)
     if layout.size != img.size:
       raise Skip("layout_size", f"{sample.get('__key__', '?')}: layout {layout.size} != image {img.size}")
     out["layout"] = apply_geometry(layout, geometry, cfg.resolution, nearest=True
                                    ).astype(np.float32) / 127.5 - 1.0
-  label = meta.get(cfg.label_key, -1) if cfg.label_key else -1
-  try:
-    label = int(label)
-  except (TypeError, ValueError):
-    label = -1
-  return {"image": a.astype(np.float32) / 127.5 - 1.0, "caption": str(caption), "label": label,
+  return {"image": a.astype(np.float32) / 127.5 - 1.0, "caption": caption, "label": label,
           **out}

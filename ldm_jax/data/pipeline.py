@@ -13,6 +13,11 @@ Decoding runs on a pool of `workers` threads (PIL releases the GIL while
 decoding); results keep their order, so parallelism never changes the stream.
 A sample's random crop and flip are drawn from (seed, a stable hash of its key,
 epoch), so every interpreter and every resumed run sees the same augmentation.
+
+Bad input never stops training and never hangs it: any failure to read a shard
+or decode a sample is counted by its cause (`stats()`, logged as data/<cause>)
+and skipped; a key repeated within a shard is kept once; but a full pass over
+the data that yields no sample at all is an error naming the counts.
 """
 import concurrent.futures
 import hashlib
@@ -44,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.min_aesthetic = 0.0      # skip samples whose json 'aesthetic' score is lower (0 = off)
   c.max_punsafe = 1.0        # skip samples whose json 'punsafe' is higher (1 = off)
   c.max_pwatermark = 1.0     # skip samples whose json 'pwatermark' is higher (1 = off)
+  c.max_image_side = 16384   # skip images with a longer side, read from the header before decoding (0 = off)
+  c.max_image_pixels = 40_000_000  # ... or more pixels (~120 MB as RGB per decoding thread; 0 = off)
   c.shuffle_buffer = 1000    # samples per shuffled block
   c.workers = max(1, min(8, os.cpu_count() or 1))  # decoding threads
   c.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "ldm_jax")  # shapes shards
@@ -103,21 +110,32 @@ class WebDatasetIterator:
     return order[self.p::self.n] if len(order) >= self.n else order
 
   def _raw(self, epoch: int, shard: int, offset: int) -> Iterator[tuple]:
-    """(shard index, offset after it, sample) from a position to the epoch's end."""
+    """(shard index, offset after it, sample) from a position to the epoch's end.
+
+    A key seen before in the same shard is dropped (counted as duplicate_key); the
+    keys before `offset` are still read, so a resumed pass drops the same ones.
+    """
     urls = self._epoch_shards(epoch)
     split = len(self.urls) < self.n
     for si in range(shard, len(urls)):
-      j = 0
+      j, keys = 0, set()
       try:
         for sample in shards.iter_samples(urls[si]):
           j += 1
+          repeated = sample["__key__"] in keys
+          keys.add(sample["__key__"])
           if j <= (offset if si == shard else 0):
             continue
           if split and (j - 1) % self.n != self.p:
             continue
+          if repeated:
+            self.stats_.add("duplicate_key", f"{urls[si]}: {sample['__key__']}")
+            continue
           yield si, j, sample
-      except Exception as e:  # missing, unreachable or truncated shard
-        self.stats_.add("bad_shard", f"{urls[si]}: {e}")
+      except FileNotFoundError as e:
+        self.stats_.add("missing_shard", f"{urls[si]}: {e}")
+      except Exception as e:  # unreachable, malformed, zero-byte or truncated shard
+        self.stats_.add("bad_shard", f"{urls[si]}: {type(e).__name__}: {e}")
 
   def _fill_block(self) -> None:
     """Reads the block at (epoch, shard, offset); advances the epoch at its end."""
@@ -147,19 +165,32 @@ class WebDatasetIterator:
       return decode.decode_sample(sample, self.cfg, rng, counts), counts, None
     except decode.Skip as s:
       return None, counts, s
+    except Exception as e:  # whatever else one sample's bytes provoke skips that sample only
+      return None, counts, decode.Skip(f"error_{type(e).__name__}", f"{sample['__key__']}: {e}")
 
   def _examples(self) -> Iterator[dict]:
+    # The epoch being read from its start with nothing yielded yet (None once
+    # something is, or when reading began mid-epoch): ending it is a barren pass.
+    barren = self.epoch if (self.shard, self.offset, self.emitted) == (0, 0, 0) else None
     while True:
       if not self._block or self.emitted >= len(self._block):
+        epoch = self.epoch
         if self._block:
           self.epoch, self.shard, self.offset = self._next_pos
           self.emitted = 0
         self._fill_block()
-      todo = list(enumerate(self._block))[self.emitted:]
-      for ex, counts, skip in self._pool.map(self._decode, [(self.epoch, smp) for _, smp in todo]):
+        if self.epoch != epoch:
+          if barren == epoch:
+            raise ValueError(
+                f"config.data.shards='{self.cfg.shards}': a full pass over {len(self.urls)} "
+                f"shard(s) gave no usable sample; skipped so far: {self.stats()}")
+          barren = self.epoch
+      todo = self._block[self.emitted:]
+      for ex, counts, skip in self._pool.map(self._decode, [(self.epoch, smp) for smp in todo]):
         self.emitted += 1
         self._count(counts, skip)
         if skip is None:
+          barren = None
           yield ex
 
   def _count(self, counts: dict, skip) -> None:
