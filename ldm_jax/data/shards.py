@@ -99,22 +99,24 @@ def _number(field: bytes) -> int:
   if field[:1] == b"\x80":
     return int.from_bytes(field[1:], "big")
   text = field.split(b"\0", 1)[0].strip()
-  if not text:
-    return 0
-  if not text.isdigit() or b"8" in text or b"9" in text:  # int() would take a sign, '_', '9'
+  try:
+    value = int(text, 8) if text else 0
+  except ValueError:
+    value = -1
+  if value < 0:  # int() takes a sign
     raise ShardError(f"bad number {bytes(field)!r} in a tar header")
-  return int(text, 8)
+  return value
 
 
 def _read(f, n: int) -> bytes:
   """n bytes (fewer only at the end of the stream), over short reads of remote files;
   never asks for more than _CHUNK at once (a file read allocates what it is asked)."""
-  out = f.read(min(n, _CHUNK))
+  out = f.read(n if n <= _CHUNK else _CHUNK)
   if len(out) == n or not out:
     return out
   parts, got = [out], len(out)
   while got < n:
-    more = f.read(min(n - got, _CHUNK))
+    more = f.read(n - got if n - got <= _CHUNK else _CHUNK)
     if not more:
       break
     parts.append(more)
@@ -183,9 +185,11 @@ def _tar_files(f, head: bytes) -> Iterator[tuple]:
     padded = size + (-size % _BLOCK)
     if total is not None and pos + padded > total:
       raise ShardError(f"member of {size} bytes runs past the end of the file", name)
-    data = _read(f, size)
-    if len(data) < size or (size % _BLOCK and len(_read(f, padded - size)) < padded - size):
+    data = _read(f, padded)  # with its padding: one read a member
+    if len(data) < padded:
       raise ShardError("truncated tar member", name)
+    if padded != size:
+      data = data[:size]
     pos += padded + _BLOCK
     if kind == b"L":                     # GNU: the next member's long name
       long_name = data.split(b"\0", 1)[0]
