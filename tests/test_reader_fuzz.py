@@ -220,6 +220,11 @@ def test_image_caps_skip_bombs_before_decoding(tmp_path):
   check(out, caps("narrow", "ok"), {"image_too_large": 2})
 
 
+def test_a_negative_cap_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="config.data.max_image_side"):
+    data.make_iterator(config([str(tmp_path / "x.tar")], max_image_side=-1), batch_size=1)
+
+
 def test_any_decoding_failure_is_counted_by_its_type(tmp_path, monkeypatch):
   real = decode.decode_sample
 

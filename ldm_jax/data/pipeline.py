@@ -94,6 +94,9 @@ class WebDatasetIterator:
                seed: int = 0, urls: Optional[list] = None):
     self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
     self.p, self.n = process_index, process_count
+    for field in ("max_image_side", "max_image_pixels"):
+      if not isinstance(cfg[field], int) or cfg[field] < 0:
+        raise ValueError(f"config.data.{field} must be an int >= 0 (0 = no cap), got {cfg[field]!r}")
     self.urls = urls if urls is not None else shards.list_shards(cfg.shards)
     if not self.urls:
       raise ValueError(f"config.data.shards='{cfg.shards}' names no shard")
