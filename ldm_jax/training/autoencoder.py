@@ -28,7 +28,7 @@ from ldm_jax.models.convert import load_torch_file, torch_to_flax
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import load_lpips
 from ldm_jax.training import autoencoder_losses as L
-from ldm_jax.training.step import accumulate_gradients, lr_schedule
+from ldm_jax.training.step import Task, accumulate_gradients, lr_schedule
 
 
 def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collections.ConfigDict:
@@ -92,7 +92,7 @@ def _tx(lr, c, total_steps):
   return optax.adam(schedule, b1=c.b1, b2=c.b2)
 
 
-class AutoencoderTask:
+class AutoencoderTask(Task):
   """Stage-1 Task. `config.stage1` from `default_config`; global `dtype`, `remat`, `grad_accum`."""
 
   def __init__(self, config):

@@ -14,7 +14,7 @@ import optax
 from ldm_jax.diffusion import losses, samplers
 from ldm_jax.diffusion.schedule import make_schedule
 from ldm_jax.training import conditioning, first_stage
-from ldm_jax.training.step import accumulate_gradients, lr_schedule
+from ldm_jax.training.step import Task, accumulate_gradients, lr_schedule
 
 
 def ema_update(ema, params, decay, step):
@@ -35,7 +35,7 @@ def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
                      optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
 
 
-class LDMTask:
+class LDMTask(Task):
   """eps_theta(z_t, t, tau(y)) on the latents of a frozen first stage."""
 
   def __init__(self, config):

@@ -5,15 +5,13 @@ of the workdir (`autoencoder/`, `ldm/`) and resumes there. Stage 2 takes its fir
 stage from the autoencoder trained just before, or from
 `config.stage2.first_stage_workdir` (a stage-1 workdir of an earlier run).
 """
-import json
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax import checkpoint, config_lib, parallel
+from ldm_jax import checkpoint, config_lib, parallel, storage
 from ldm_jax import data as data_lib
 from ldm_jax.data import make_iterator
 from ldm_jax.training import latent_cache, loop
@@ -57,16 +55,16 @@ def _autoencoder_stage(config, workdir: str):
   c = config_lib.for_stage(config, "stage1")
   task = AutoencoderTask(c)
   per_process = max(c.num_samples // jax.process_count(), 1)
-  res = loop.run(task, c, os.path.join(workdir, "autoencoder"), _data_factory(c),
+  res = loop.run(task, c, storage.join(workdir, "autoencoder"), _data_factory(c),
                  sample_batch=_first_batch(c, per_process, 1000, heldout=True))
   return task, c, res
 
 
 def _scale_factor(task, c, state, mesh, workdir: str) -> float:
   """1/std(z) over `stage1.scale_batches` global batches from all processes; cached."""
-  path = os.path.join(workdir, "autoencoder", "scale_factor.json")
-  if os.path.exists(path):
-    return float(json.load(open(path))["scale_factor"])
+  path = storage.join(workdir, "autoencoder", "scale_factor.json")
+  if storage.exists(path):
+    return float(storage.read_json(path)["scale_factor"])
   it = _data_factory(c, 2000)(None, c.batch_size // jax.process_count())
   moments = jax.jit(task.latent_moments)
   total = np.zeros(3)
@@ -75,8 +73,7 @@ def _scale_factor(task, c, state, mesh, workdir: str) -> float:
     total += np.array(jax.device_get(moments(state["params"], x)), np.float64)
   scale = scale_from_moments(*total)
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump({"scale_factor": scale, "batches": c.stage1.scale_batches}, f)
+    storage.write_json(path, {"scale_factor": scale, "batches": c.stage1.scale_batches})
   log.info("scale_factor = 1/std(z) = %.5f over %d batches", scale, c.stage1.scale_batches)
   return scale
 
@@ -87,7 +84,7 @@ def _restore_first_stage(config, stage1_workdir: str):
   task = AutoencoderTask(c)
   mesh = parallel.make_mesh(c)
   abstract, _ = parallel.abstract_state(task.init, jax.random.key(0), mesh, parallel.rules_of(c))
-  ckpt = checkpoint.Checkpointer(os.path.join(stage1_workdir, "autoencoder", "checkpoints"))
+  ckpt = checkpoint.Checkpointer(storage.join(stage1_workdir, "autoencoder", "checkpoints"))
   if ckpt.latest_step() is None:
     raise ValueError(f"config.stage2.first_stage_workdir='{stage1_workdir}' has no stage-1 checkpoint")
   saved = ckpt.saved_config()
@@ -108,7 +105,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {STAGES}")
   if "ldm" in config.stages:
     latent_cache.check_config(config)
-  checkpoint.check_writable(workdir)
+  storage.check_writable(workdir)
   results = {}
   first = None  # (task, stage config, state, mesh)
   if "autoencoder" in config.stages:
@@ -118,7 +115,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if "ldm" in config.stages:
     c2 = config_lib.for_stage(config, "stage2")
     task2 = LDMTask(c2)
-    ldm_dir = os.path.join(workdir, "ldm")
+    ldm_dir = storage.join(workdir, "ldm")
 
     def initial_values(state, shardings):
       nonlocal first
@@ -137,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def cached_data(state, per_process):  # the latent cache in place of the images
       nonlocal first
-      cache_dir = os.path.join(ldm_dir, "latents")
+      cache_dir = storage.join(ldm_dir, "latents")
       pattern = latent_cache.cached_pattern(cache_dir, c2)
       if not pattern:
         if first is None:
