@@ -3,9 +3,13 @@
 Parses flags and calls `train_and_evaluate`; multi-host jobs pass --multihost
 (Cloud TPU finds its peers itself; elsewhere give the coordinator by flags or the
 LDM_COORDINATOR / LDM_NUM_PROCESSES / LDM_PROCESS_ID environment variables).
+
+Exit status: 0 when every stage finished; 75 (EX_TEMPFAIL, `run.EXIT_PREEMPTED`)
+when SIGTERM stopped the job after saving: run the same command again to resume.
 """
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -68,13 +72,18 @@ def main(argv):
   setup_logging()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
-  from ldm_jax.training.run import train_and_evaluate
   log = logging.getLogger("ldm_jax")
-  log.info("workdir: %s", os.path.abspath(workdir))
+  from ldm_jax import storage
+  log.info("workdir: %s", storage.display(workdir))
   if n_cpu is not None and jax.default_backend() == "cpu":
     log.info("CPU host: %d device(s) on %d cores, the batch split over them (--cpu_devices)",
              n_cpu, os.cpu_count() or 1)
-  train_and_evaluate(FLAGS.config, workdir)
+  from ldm_jax.training import run
+  try:
+    run.train_and_evaluate(FLAGS.config, workdir)
+  except run.Preempted as e:
+    log.warning("%s", e)
+    sys.exit(run.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def test_train_sample_evaluate(tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in acc.Images("samples")] == [3]
   assert "sample/psnr" in events(str(run_dir / "autoencoder" / "tensorboard")).Tags()["scalars"]
-  assert json.load(open(run_dir / "autoencoder" / "scale_factor.json"))["scale_factor"] > 0
-  assert json.load(open(run_dir / "ldm" / "latents" / "done.json"))["count"] == 64
+  scale = json.load(open(run_dir / "autoencoder" / "scale_factor.json"))
+  assert scale["source"]["stage1_step"] == 3 and scale["scale_factor"] > 0
+  done = json.load(open(run_dir / "ldm" / "latents" / "done.json"))
+  assert done["count"] == 64 and done["signature"]["first_stage"] == scale["source"]
 
   out = f"file://{tmp_path}/samples"
   prompts = tmp_path / "prompts.txt"

@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from ldm_jax.evaluation.image_metrics import psnr, ssim
@@ -257,30 +256,3 @@ class AutoencoderTask(Task):
     if min(x.shape[1:3]) >= 11:  # SSIM's 11x11 window
       out["ssim"] = jnp.mean(ssim(x, images))
     return out
-
-  # ---- what stage 2 uses ----
-  def latents(self, params, images, rng=None):
-    """z = E(x): KL posterior mode (or a sample if `rng`), VQ pre-quantisation h. Unscaled."""
-    v = self._variables(params)
-    if self.c.kind == "vq":
-      return self.eval_model.apply(v, images, method="encode")
-    post = self.eval_model.apply(v, images, method="encode")
-    return post.sample(rng) if rng is not None else post.mode()
-
-  def decode(self, params, z):
-    """x_hat = D(z) (VQ: quantises z first), unscaled z."""
-    return self.eval_model.apply(self._variables(params), z, method="decode")
-
-  def latent_moments(self, params, images, rng=None):
-    """(sum z, sum z^2, count) over all latent elements of a (global) batch.
-
-    Summed over many batches, scale_factor = 1 / sqrt(E[z^2] - E[z]^2).
-    """
-    z = self.latents(params, images, rng).astype(jnp.float32)
-    return jnp.sum(z), jnp.sum(z * z), jnp.asarray(z.size, jnp.float32)
-
-
-def scale_factor(total_sum, total_sum_sq, count):
-  """1 / std(z) from accumulated `latent_moments`."""
-  mean = total_sum / count
-  return float(1.0 / np.sqrt(max(total_sum_sq / count - mean ** 2, 1e-12)))

@@ -23,23 +23,32 @@ class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or Inf; the last checkpoint is left as it was."""
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+class Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
 
-  def __init__(self):
-    self.requested = False
-    self._old = None
+  The flag is the process's: the contexts nest (a job holds one around all its
+  stages, each stage's loop its own inside), the outermost installs the handler
+  and clears the flag, so a signal that arrives between two stages is not lost.
+  """
+  requested = False
+  _depth = 0
+  _old = None
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler
-      self._old = None
+    cls = type(self)
+    if cls._depth == 0:
+      cls.requested = False
+      try:
+        cls._old = signal.signal(signal.SIGTERM, cls._handle)
+      except ValueError:  # not the main thread: no handler
+        cls._old = None
+    cls._depth += 1
     return self
 
-  def _handle(self, signum, frame):
+  @classmethod
+  def _handle(cls, signum, frame):
     del signum, frame
-    self.requested = True
+    cls.requested = True
 
   def agreed(self) -> bool:
     """True when any process was asked to stop (all processes must agree)."""
@@ -49,8 +58,11 @@ class _Preemption:
     return bool(np.any(flags))
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    cls = type(self)
+    cls._depth -= 1
+    if cls._depth == 0 and cls._old is not None:
+      signal.signal(signal.SIGTERM, cls._old)
+      cls._old = None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -175,7 +187,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   steps_per_s = float("nan")
   preempted = False
   try:
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
       while step < config.total_steps:
         state, metrics = compiled(state, batch, step_rng)
         step += 1
