@@ -62,9 +62,7 @@ def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collec
   # Weight w_g of the same penalty on the images' finite differences (the gradient-
   # difference loss), which charges a blurred outline where the pixel term hardly does.
   # tiny: 10, since without LPIPS (its VGG weights are a download) the pixel term alone
-  # decodes small stars and crosses as round blobs. Shapes, 1600 steps, 200 held-out
-  # images, kind kept by the round trip: w_g 0 / 1 / 3 / 10 / 30: 47.5 / 54 / 51 / 82.5 /
-  # 82.5%, PSNR 27.2 -> 28.8 dB at 10 (H100, float32).
+  # decodes small stars and crosses as round blobs (docs/experiments.md).
   c.loss.gradient_weight = 0.0 if size == "ref" else 10.0
   c.loss.perceptual_weight = 1.0     # LPIPS weight w_p; only used when both paths below are set
   c.loss.lpips_vgg_path = ""         # torchvision vgg16 state dict (features.*); "" = no LPIPS
