@@ -7,7 +7,10 @@ setup(
     name="ldm_jax",
     version="0.1.0",
     description="Latent Diffusion Models (Stable Diffusion) in JAX/Flax, from one CPU to a TPU pod",
-    packages=find_packages(include=["ldm_jax", "ldm_jax.*"]),
+    # configs/ stays at the top of the repository and installs as ldm_jax/configs,
+    # where `--config=configs/NAME.py` finds it outside a checkout.
+    packages=find_packages(include=["ldm_jax", "ldm_jax.*"]) + ["ldm_jax.configs"],
+    package_dir={"ldm_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

@@ -88,6 +88,38 @@ def for_stage(config, name: str) -> ml_collections.ConfigDict:
   return c.lock()
 
 
+def config_file(path: str) -> str:
+  """The file a `--config=PATH[:arg]` names: PATH itself when it exists, else the
+  file of that name among the configs shipped in the package (`pip install .`
+  copies the top-level `configs/` to `ldm_jax/configs/`) or beside it (a checkout
+  run from another folder); PATH unchanged when neither has it."""
+  if os.path.exists(path):
+    return path
+  name = os.path.basename(path)
+  package = os.path.dirname(os.path.abspath(__file__))
+  for folder in (os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs")):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  return path
+
+
+def resolve_config_argv(argv: list, flag: str = "config") -> list:
+  """`argv` with the file of `--config=PATH[:arg]` (or `--config PATH`) resolved by `config_file`."""
+  out, prefix = list(argv), f"--{flag}"
+  for i, a in enumerate(out):
+    if a.startswith(prefix + "="):
+      value, at = a[len(prefix) + 1:], i
+    elif a == prefix and i + 1 < len(out):
+      value, at = out[i + 1], i + 1
+    else:
+      continue
+    path, sep, arg = value.partition(".py:")
+    path = path + ".py" if sep else value
+    resolved = config_file(path) + (":" + arg if sep else "")
+    out[at] = f"{prefix}={resolved}" if at == i else resolved
+  return out
+
+
 def to_dict(config) -> dict:
   """A JSON-able dict of a config (tuples become lists)."""
   return ml_collections.ConfigDict(config).to_dict()

@@ -39,10 +39,11 @@ def test_train_sample_evaluate(tmp_path):
             "--config.sample_every=0", "--config.num_samples=8",
             "--config.stage2.sample.steps=3", "--config.data.shapes.num=64",
             "--config.data.shapes.shard_size=32", f"--config.data.cache_dir={tmp_path}/cache"]
-  # As a user runs it: no forced device count, so train splits the CPU, one device a core.
+  # As a user runs it: no forced device count, so train splits the CPU, one device a core;
+  # from another folder, so configs/ is found beside the package.
   env = dict(os.environ, XLA_FLAGS=" ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f))
-  log = _run(["ldm_jax.train", f"--config={ROOT}/configs/txt2img.py", f"--workdir={wd}"] + shrink,
+  log = _run(["ldm_jax.train", "--config=configs/txt2img.py", f"--workdir={wd}"] + shrink,
              env=env, cwd=cwd)
   assert "step 3/3" in log and "scale_factor" in log
   cores = min(os.cpu_count() or 1, 8)
