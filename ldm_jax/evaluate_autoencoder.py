@@ -12,6 +12,7 @@ Batches are sharded over all devices and hosts; process 0 prints the table and
 writes results.json.
 """
 import logging
+import posixpath
 import time
 
 from absl import app, flags
@@ -100,7 +101,7 @@ def main(argv):
                                   if FLAGS.workdir else None)
   if ckpt_dir is None:
     raise app.UsageError("give --workdir or --checkpoint")
-  out_dir = FLAGS.out or storage.join(ckpt_dir.rstrip("/").rsplit("/", 1)[0], "eval")
+  out_dir = FLAGS.out or storage.join(posixpath.dirname(ckpt_dir.rstrip("/")), "eval")
   inception = None
   if FLAGS.inception:
     from ldm_jax.models.inception import load_inception
