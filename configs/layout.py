@@ -8,10 +8,12 @@ your own shards, store the map beside each image under the extension in
 """
 from ldm_jax import config_lib
 
+txt2img = config_lib.sibling(__file__, "txt2img")  # the recipe; this file sets the conditioning
+
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", data="shapes")
-  c = config_lib.ldm(arg, context="none", concat="layout", doc_sizes=("tiny", "base"))
+  c = txt2img.ldm(arg, context="none", concat="layout", sizes=("tiny", "base"))
   c.data.layout_ext = "seg.png"
   c.stage2.cond_drop = 0.0       # the map is always given, so no guidance
   c.stage2.sample.guidance = 1.0

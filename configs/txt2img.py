@@ -2,10 +2,64 @@
 
 arg: size=tiny|base|sd15|sd2 (tiny: 32 px on the embedded shapes data, trains on a
 CPU in minutes), data=shapes|wds|tfds. Overrides: --config.stage2.lr=5e-5 etc.
+The other LDM configs (unconditional, class_cond, super_resolution, inpainting,
+layout) are this recipe, `ldm(arg, ...)`, with their own conditioning.
 """
 from ldm_jax import config_lib
+
+SIZES = ("tiny", "base", "sd15", "sd2")
+RESOLUTION = {"tiny": 32, "base": 256, "sd15": 512, "sd2": 768}
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", data="shapes")
-  return config_lib.ldm(arg, context="text").lock()
+  return ldm(arg, context="text").lock()
+
+
+def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZES):
+  """The two-stage recipe of `arg.size` on `arg.data`, stage 2 conditioned by
+  (context, classes, concat) as training/conditioning.py describes."""
+  config_lib.check_arg(arg, "size", sizes)
+  tiny, sd = arg.size == "tiny", arg.size in ("sd15", "sd2")
+  res = RESOLUTION[arg.size]
+  c = config_lib.spine(batch_size={"tiny": 64, "base": 256}.get(arg.size, 2048))
+  c.data = config_lib.data(arg.data, res)
+
+  # Stage 1: the perceptual autoencoder. tiny: f=4, 8x8 latents of 32 px images;
+  # base: the paper's kl-f8. SD's sizes train none: their VAE comes trained.
+  c.stage1 = config_lib.autoencoder_stage("kl", 4 if tiny else 8, "tiny" if tiny else "ref", res)
+  c.stage1.total_steps = {"tiny": 1600, "base": 200_000}.get(arg.size, 0)
+  c.stage1.batch_size = {"tiny": 16, "base": 96}.get(arg.size, 8)
+  # Decode posterior samples in training (the reference), so the decoder has seen
+  # latents off the mean, as stage 2's are.
+  c.stage1.sample_posterior = True
+  c.stages = ("autoencoder", "ldm") if c.stage1.total_steps else ("ldm",)
+
+  # Stage 2: the UNet on z = scale_factor * E(x).
+  c.stage2 = config_lib.ldm_stage(arg.size, context=context, classes=classes, concat=concat)
+  c.stage2.total_steps = 2500 if tiny else 400_000
+  c.stage2.batch_size = c.batch_size
+  if context == "text" and arg.data == "shapes":
+    config_lib.shapes_text(c.stage2, words=arg.size in ("tiny", "base"))
+  if tiny:  # minutes on a CPU
+    c.stage2.lr = 1e-3                  # a high learning rate, a short warm-up
+    c.stage2.warmup_steps = 100
+    # v-prediction with its plain loss (SD 2.x's): it keeps the weight of the
+    # low-noise steps, where the shape's outline is drawn.
+    c.stage2.prediction_type = "v"
+    # t = T sigmoid(u), u ~ N(-0.5, 1): more updates on the low-noise steps, where
+    # the shape's kind is lost (evaluate_prompts --strength shows where).
+    c.stage2.timestep_sampling = "logit_normal"
+    c.stage2.logit_mean = -0.5
+    # Attention at the 4x4 level only and the latents encoded once: a cheaper step,
+    # so the same minutes hold more of them.
+    c.stage2.unet.attention_resolutions = (2,)
+    c.stage2.latent_cache = arg.data == "shapes" and concat == "none"
+    c.stage2.sample.steps = 25
+    c.stage2.sample.guidance = 3.0      # held-out prompts follow better than at 5
+    c.sample_every = 800
+    c.log_every = 100
+  if sd:
+    c.stage2.scale_factor = 0.18215     # Stable Diffusion's VAE
+    c.stage2.prediction_type = "v" if arg.size == "sd2" else "eps"
+  return c

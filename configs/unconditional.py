@@ -1,10 +1,12 @@
 """Unconditional LDM (CelebA-HQ / FFHQ / LSUN style). arg: size=tiny|base, data=shapes|wds|tfds."""
 from ldm_jax import config_lib
 
+txt2img = config_lib.sibling(__file__, "txt2img")  # the recipe; this file sets the conditioning
+
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", data="shapes")
-  c = config_lib.ldm(arg, context="none", doc_sizes=("tiny", "base"))
+  c = txt2img.ldm(arg, context="none", sizes=("tiny", "base"))
   c.stage2.cond_drop = 0.0  # nothing to drop
   c.stage2.sample.guidance = 1.0
   return c.lock()

@@ -10,13 +10,14 @@ Orbax writes a step into a temporary directory and renames it when complete, so
 """
 import json
 import logging
-import os
 
 import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from ldm_jax import storage
 
 # Fields that may change between a run and its resumption without changing
 # what the checkpoint holds.
@@ -76,25 +77,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   return diffs
 
 
-def check_writable(path: str) -> None:
-  """Fails early, naming the path, when the workdir cannot be written."""
-  if "://" in path:
-    return  # a bucket: Orbax reports its own errors
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_probe_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f"workdir '{path}' is not writable: {e}") from e
-
-
 class Checkpointer:
   """Async, keep-the-last-K checkpoints of one training stage under `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
+    self.directory = storage.orbax_path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,

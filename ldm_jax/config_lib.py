@@ -1,5 +1,6 @@
 """Shared pieces of the `configs/*.py` files: arg strings, the training spine's
 fields and their validation. Model presets live beside the models."""
+import os
 from typing import Any
 
 import ml_collections
@@ -87,119 +88,106 @@ def for_stage(config, name: str) -> ml_collections.ConfigDict:
   return c.lock()
 
 
+def config_file(path: str) -> str:
+  """The file a `--config=PATH[:arg]` names: PATH itself when it exists, else the
+  file of that name among the configs shipped in the package (`pip install .`
+  copies the top-level `configs/` to `ldm_jax/configs/`) or beside it (a checkout
+  run from another folder); PATH unchanged when neither has it."""
+  if os.path.exists(path):
+    return path
+  name = os.path.basename(path)
+  package = os.path.dirname(os.path.abspath(__file__))
+  for folder in (os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs")):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  return path
+
+
+def resolve_config_argv(argv: list, flag: str = "config") -> list:
+  """`argv` with the file of `--config=PATH[:arg]` (or `--config PATH`) resolved by `config_file`."""
+  out, prefix = list(argv), f"--{flag}"
+  for i, a in enumerate(out):
+    if a.startswith(prefix + "="):
+      value, at = a[len(prefix) + 1:], i
+    elif a == prefix and i + 1 < len(out):
+      value, at = out[i + 1], i + 1
+    else:
+      continue
+    path, sep, arg = value.partition(".py:")
+    path = path + ".py" if sep else value
+    resolved = config_file(path) + (":" + arg if sep else "")
+    out[at] = f"{prefix}={resolved}" if at == i else resolved
+  return out
+
+
 def to_dict(config) -> dict:
   """A JSON-able dict of a config (tuples become lists)."""
   return ml_collections.ConfigDict(config).to_dict()
 
 
-# Per size: (image resolution, first stage (kind, f, preset), stage-1 steps, stage-2 steps).
-LDM_SIZES = {
-    # tiny: the CPU default, 13-18 minutes end to end on 2 cores (the machine's hour).
-    # First-stage steps buy more of the shapes' kind than stage-2 steps (README).
-    "tiny": dict(resolution=32, first=("kl", 4, "tiny"), stage1_steps=1600, stage2_steps=2500,
-                 batch1=16, batch2=64),
-    "base": dict(resolution=256, first=("kl", 8, "ref"), stage1_steps=200_000, stage2_steps=400_000,
-                 batch1=96, batch2=256),
-    "sd15": dict(resolution=512, first=("kl", 8, "ref"), stage1_steps=0, stage2_steps=400_000,
-                 batch1=8, batch2=2048),
-    "sd2": dict(resolution=768, first=("kl", 8, "ref"), stage1_steps=0, stage2_steps=400_000,
-                batch1=8, batch2=2048),
-}
+# ---- builders of the sections a configs/*.py file assembles --------------------
 
 
-def ldm(arg, *, context: str = "text", classes: int = 0, concat: str = "none",
-        doc_sizes=("tiny", "base", "sd15", "sd2")) -> ml_collections.ConfigDict:
-  """A whole latent-diffusion config: data, stage 1 (autoencoder), stage 2 (UNet).
+def check_arg(arg, name: str, choices) -> None:
+  """Fails naming the config arg when `arg[name]` is not one of `choices`."""
+  if arg[name] not in choices:
+    raise ValueError(f"config arg {name}={arg[name]!r} is not one of {tuple(choices)}")
 
-  Args:
-    arg: the parsed config arg (size, data).
-    context, classes, concat: the stage-2 conditioning (see training/conditioning.py).
-  """
-  from ldm_jax import data as data_lib
+
+def sibling(config_path: str, name: str):
+  """The module of the config file `name` beside `config_path` (a config file's
+  `__file__`), for a config that is another's recipe with changes."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(config_path)), name + ".py")
+  spec = importlib.util.spec_from_file_location(f"ldm_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def data(source: str, resolution: int) -> ml_collections.ConfigDict:
+  """`config.data` reading `source` (shapes | wds | tfds) at `resolution` px."""
+  from ldm_jax.data import default_config
+  c = default_config()
+  c.source = source
+  c.resolution = resolution
+  return c
+
+
+def autoencoder_stage(kind: str, f: int, preset: str, resolution: int) -> ml_collections.ConfigDict:
+  """`config.stage1`: the paper's `kind`-f`f` first stage (preset 'ref') or its CPU
+  variant ('tiny'), trained at `resolution` px (each field is commented in
+  training/autoencoder.py)."""
+  from ldm_jax.training import autoencoder
+  c = autoencoder.default_config(kind, f, preset)
+  c.image_size = resolution
+  c.scale_batches = 8           # batches over which stage 2's 1/std(z) is estimated
+  return c
+
+
+def ldm_stage(preset: str, *, context: str, classes: int = 0,
+              concat: str = "none") -> ml_collections.ConfigDict:
+  """`config.stage2`: the UNet `preset` (tiny | base | sd15 | sd2) conditioned by
+  (context, classes, concat) (training/conditioning.py; each field is commented in
+  training/ldm.py). A from-scratch text encoder's width is the UNet's context_dim."""
   from ldm_jax.models import text as text_lib
-  from ldm_jax.training import autoencoder, ldm as ldm_lib
-  if arg.size not in doc_sizes:
-    raise ValueError(f"config arg size={arg.size!r} is not one of {doc_sizes}")
-  s = LDM_SIZES[arg.size]
-  c = spine(batch_size=s["batch2"])
-  c.stages = ("autoencoder", "ldm") if s["stage1_steps"] else ("ldm",)
-  c.data = data_lib.default_config()
-  c.data.source = arg.data
-  c.data.resolution = s["resolution"]
-  kind, f, preset = s["first"]
-  c.stage1 = autoencoder.default_config(kind, f, preset)
-  c.stage1.image_size = s["resolution"]
-  c.stage1.total_steps = s["stage1_steps"]    # stage-1 steps (overrides total_steps)
-  c.stage1.batch_size = s["batch1"]           # stage-1 global batch (overrides batch_size)
-  c.stage1.scale_batches = 8                  # batches over which 1/std(z) is estimated
-  # A KL first stage decodes posterior samples in training (the reference; the tiny
-  # autoencoder_kl config decodes the mean, which reconstructs a little better in
-  # minutes), so its decoder has seen latents off the mean, as stage 2's are.
-  c.stage1.sample_posterior = kind == "kl"
-  c.stage2 = ldm_lib.default_config(arg.size, context=context, classes=classes, concat=concat)
-  c.stage2.total_steps = s["stage2_steps"]
-  c.stage2.batch_size = s["batch2"]
-  if context == "text" and c.stage2.text.encoder == "transformer":
-    c.stage2.unet.context_dim = text_lib.preset(c.stage2.text.size)["width"]
-  if arg.data == "shapes" and context == "text":
-    from ldm_jax.data import shapes  # grids show held-out prompts: combinations never trained on
-    c.stage2.sample.prompts = tuple(shapes.caption(shapes.sample_attrs(7, i, "heldout"))
-                                    for i in range(8))
-    if arg.size in ("tiny", "base"):  # a word vocabulary: ~40 words, ~14 tokens a caption
-      from ldm_jax.models.text import WordTokenizer
-      c.stage2.text.tokenizer = "words"
-      c.stage2.text.vocab = WordTokenizer.build_vocab(
-          [shapes.caption(shapes.sample_attrs(0, i, "all")) for i in range(2000)])
-      c.stage2.text.max_length = 16
-  if arg.size == "tiny":  # minutes on a CPU: a high learning rate, short warm-up
-    c.stage2.lr = 1e-3
-    c.stage2.warmup_steps = 100
-    # v-prediction with its plain loss (SD 2.x's). Earlier, shorter runs needed the
-    # x0-space weight clip(SNR, 1, 5) (stage2.weighting=min_snr, min_snr_floor=1) to
-    # learn the layout at all (1200 steps: position 18 -> 65%); at 4000 steps the plain
-    # loss does better (200 held-out prompts, guidance 3: kind 36.5 vs 32.5%,
-    # position 99.5 vs 98%), since it keeps the weight of the low-noise steps,
-    # where the shape's outline is drawn.
-    c.stage2.prediction_type = "v"
-    # Timesteps t = T sigmoid(u), u ~ N(-0.5, 1): more of the updates on the low-noise
-    # steps, where stage 2 loses the shape's kind (evaluate_prompts --strength); the
-    # layout is learned by 4000 steps either way. 200 held-out prompts, guidance 3:
-    # kind 38.5 -> 45%, position 99 -> 99.5%, colour 99 -> 96.5% (uniform t before).
-    c.stage2.timestep_sampling = "logit_normal"
-    c.stage2.logit_mean = -0.5
-    # Attention (self and cross) at the 4x4 level only, and the embedded data's
-    # latents cached once: each step is about 2x cheaper than with attention at 8x8
-    # too and the encoder in the step, so the same minutes hold twice the steps.
-    c.stage2.unet.attention_resolutions = (2,)
-    c.stage2.latent_cache = arg.data == "shapes" and concat == "none"
-    c.stage2.sample.steps = 25
-    # Guidance 2-3 beats 5 on held-out prompts (4000 steps, 200 prompts, weighted
-    # loss: position 99.5 / 98 / 92.5% at 2 / 3 / 5; kind 32.5 / 32.5 / 31.5%).
-    c.stage2.sample.guidance = 3.0
-    c.sample_every = 800
-    c.log_every = 100
-  if arg.size in ("sd15", "sd2"):
-    c.stage2.scale_factor = 0.18215           # Stable Diffusion's VAE
-    c.stage2.prediction_type = "v" if arg.size == "sd2" else "eps"
+  from ldm_jax.training import ldm
+  c = ldm.default_config(preset, context=context, classes=classes, concat=concat)
+  if context == "text" and c.text.encoder == "transformer":
+    c.unet.context_dim = text_lib.preset(c.text.size)["width"]
   return c
 
 
-def autoencoder(arg, kind: str, factors: tuple) -> ml_collections.ConfigDict:
-  """A stage-1-only config for the paper's `kind`-f models (arg: f, size=ref|tiny, data)."""
-  from ldm_jax import data as data_lib
-  from ldm_jax.training import autoencoder as ae_lib
-  if arg.f not in factors:
-    raise ValueError(f"config arg f={arg.f} is not one of {factors}")
-  if arg.size not in ("ref", "tiny"):
-    raise ValueError(f"config arg size={arg.size!r} is not one of ('ref', 'tiny')")
-  ref = arg.size == "ref"
-  # tiny: the default run's first stage (batch 16), trained about twice as long.
-  c = spine(batch_size=96 if ref else 16, total_steps=200_000 if ref else 3000)
-  c.stages = ("autoencoder",)
-  c.data = data_lib.default_config()
-  c.data.source = arg.data
-  c.data.resolution = 256 if ref else 32
-  c.stage1 = ae_lib.default_config(kind, arg.f, arg.size)
-  c.stage1.image_size = c.data.resolution
-  c.stage1.scale_batches = 8    # batches over which 1/std(z) is estimated
-  return c
+def shapes_text(stage2, *, words: bool) -> None:
+  """Text conditioning on the embedded shapes data: the sample grids show held-out
+  prompts (combinations never trained on); `words`: a word tokenizer over the
+  captions' ~40 words (~14 tokens a caption) instead of bytes."""
+  from ldm_jax.data import shapes
+  from ldm_jax.models.text import WordTokenizer
+  stage2.sample.prompts = tuple(shapes.caption(shapes.sample_attrs(7, i, "heldout"))
+                                for i in range(8))
+  if words:
+    stage2.text.tokenizer = "words"
+    stage2.text.vocab = WordTokenizer.build_vocab(
+        [shapes.caption(shapes.sample_attrs(0, i, "all")) for i in range(2000)])
+    stage2.text.max_length = 16

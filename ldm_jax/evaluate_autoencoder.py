@@ -11,9 +11,8 @@ rFID between the Inception statistics of the originals and the reconstructions
 Batches are sharded over all devices and hosts; process 0 prints the table and
 writes results.json.
 """
-import json
 import logging
-import os
+import posixpath
 import time
 
 from absl import app, flags
@@ -97,11 +96,12 @@ def main(argv):
   from ldm_jax.evaluation.restore import restore
   from ldm_jax.training.autoencoder import AutoencoderTask
   log = logging.getLogger("ldm_jax")
-  ckpt_dir = FLAGS.checkpoint or (os.path.join(FLAGS.workdir, "autoencoder", "checkpoints")
+  from ldm_jax import storage
+  ckpt_dir = FLAGS.checkpoint or (storage.join(FLAGS.workdir, "autoencoder", "checkpoints")
                                   if FLAGS.workdir else None)
   if ckpt_dir is None:
     raise app.UsageError("give --workdir or --checkpoint")
-  out_dir = FLAGS.out or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "eval")
+  out_dir = FLAGS.out or storage.join(posixpath.dirname(ckpt_dir.rstrip("/")), "eval")
   inception = None
   if FLAGS.inception:
     from ldm_jax.models.inception import load_inception
@@ -125,10 +125,8 @@ def main(argv):
     print("| metric | value |\n|---|---|")
     for name, value in rows:
       print(f"| {name} | {value} |")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump(res, f, indent=1)
-    log.info("wrote %s", os.path.join(out_dir, "results.json"))
+    storage.write_json(storage.join(out_dir, "results.json"), res, indent=1)
+    log.info("wrote %s", storage.join(out_dir, "results.json"))
 
 
 if __name__ == "__main__":

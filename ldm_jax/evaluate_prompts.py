@@ -6,7 +6,6 @@ seen in training), reads the attributes back from the pixels with
 `shapes.classify_image`, and prints the per-attribute accuracy beside chance.
 """
 import logging
-import os
 
 from absl import app, flags
 
@@ -31,8 +30,9 @@ def main(argv):
   setup_logging()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
-  ckpt = FLAGS.checkpoint or os.path.join(FLAGS.workdir, "ldm", "checkpoints")
-  out = FLAGS.out or os.path.join(FLAGS.workdir or ".", "eval")
+  from ldm_jax import storage
+  ckpt = FLAGS.checkpoint or storage.join(FLAGS.workdir, "ldm", "checkpoints")
+  out = FLAGS.out or storage.join(FLAGS.workdir or ".", "eval")
   from ldm_jax.evaluation.prompts import evaluate
   r = evaluate(ckpt, num=FLAGS.num, steps=FLAGS.steps, guidance=FLAGS.guidance,
                sampler=FLAGS.sampler, seed=FLAGS.seed, chunk=FLAGS.chunk, out=out,
@@ -45,7 +45,7 @@ def main(argv):
   log.info("%-22s %9s %7s", "attribute", "accuracy", "chance")
   for k, v in r["accuracy"].items():
     log.info("%-22s %8.1f%% %6.1f%%", k, 100 * v, 100 * r["chance"][k])
-  log.info("images: %s", os.path.join(out, "grid.png"))
+  log.info("images: %s", storage.join(out, "grid.png"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ sharded batch, run the jitted sampler, write PNGs + JSON + a grid.
 Everything a request can get wrong is checked before anything is compiled.
 """
 import dataclasses
-import json
 import logging
 import os
 from typing import Optional
@@ -14,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from ldm_jax import checkpoint, parallel
+from ldm_jax import parallel, storage
 from ldm_jax.training import images as image_io
 
 log = logging.getLogger("ldm_jax")
@@ -172,7 +171,7 @@ def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> 
 
 def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, devices=None) -> list:
   """Samples `req` from the checkpoint into `out`; returns the written paths (grid last)."""
-  checkpoint.check_writable(out)
+  storage.check_writable(out)
   task, state, mesh, config = load(ckpt_dir, step, devices)
   batch, meta = build_batch(task, config, req)
   n = len(meta)
@@ -183,13 +182,12 @@ def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, de
   paths = []
   if jax.process_index() == 0:
     for m, img in zip(meta, images):
-      base = os.path.join(out, f"{m['index']:05d}")
+      base = storage.join(out, f"{m['index']:05d}")
       image_io.save_png(img, base + ".png")
-      with open(base + ".json", "w") as f:
-        json.dump(dict(m, checkpoint=os.path.abspath(ckpt_dir)), f, indent=1)
+      storage.write_json(base + ".json", dict(m, checkpoint=storage.display(ckpt_dir)), indent=1)
       paths.append(base + ".png")
     cols = req.num if n > req.num else None
-    grid_path = os.path.join(out, "grid.png")
+    grid_path = storage.join(out, "grid.png")
     image_io.save_png(image_io.grid(images, cols=cols), grid_path)
     paths.append(grid_path)
   return paths

@@ -3,9 +3,14 @@
 Parses flags and calls `train_and_evaluate`; multi-host jobs pass --multihost
 (Cloud TPU finds its peers itself; elsewhere give the coordinator by flags or the
 LDM_COORDINATOR / LDM_NUM_PROCESSES / LDM_PROCESS_ID environment variables).
+`--print_config` prints every field of the config with its value and comment.
+
+Exit status: 0 when every stage finished; 75 (EX_TEMPFAIL, `run.EXIT_PREEMPTED`)
+when SIGTERM stopped the job after saving: run the same command again to resume.
 """
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -23,6 +28,8 @@ flags.DEFINE_integer("cpu_devices", None,
                      "XLA devices on a CPU host (default: one per core, as many as every stage's "
                      "mesh and batch accept; 1 = a single device). Ignored when XLA_FLAGS sets "
                      "the host device count or the job is --multihost.")
+flags.DEFINE_bool("print_config", False, "Print every field of the config (after overrides) with "
+                  "its value and comment, then exit without training.")
 FLAGS = flags.FLAGS
 
 
@@ -59,6 +66,10 @@ def main(argv):
   del argv
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/txt2img.py")
+  if FLAGS.print_config:  # before anything starts a backend
+    from ldm_jax import config_docs
+    print(config_docs.describe(FLAGS.config, FLAGS["config"].config_filename))
+    return
   workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(
       os.path.basename(FLAGS["config"].config_filename))[0])
   if FLAGS.multihost:
@@ -68,14 +79,20 @@ def main(argv):
   setup_logging()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
-  from ldm_jax.training.run import train_and_evaluate
   log = logging.getLogger("ldm_jax")
-  log.info("workdir: %s", os.path.abspath(workdir))
+  from ldm_jax import storage
+  log.info("workdir: %s", storage.display(workdir))
   if n_cpu is not None and jax.default_backend() == "cpu":
     log.info("CPU host: %d device(s) on %d cores, the batch split over them (--cpu_devices)",
              n_cpu, os.cpu_count() or 1)
-  train_and_evaluate(FLAGS.config, workdir)
+  from ldm_jax.training import run
+  try:
+    run.train_and_evaluate(FLAGS.config, workdir)
+  except run.Preempted as e:
+    log.warning("%s", e)
+    sys.exit(run.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from ldm_jax.config_lib import resolve_config_argv
+  app.run(main, argv=resolve_config_argv(sys.argv))

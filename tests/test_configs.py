@@ -92,3 +92,73 @@ def test_stage1_checkpoint_stays_valid_when_stage2_changes():
   s2a, s2b = (config_lib.to_dict(config_lib.for_stage(c, "stage2")) for c in (a, b))
   assert "stage2.prediction_type: checkpoint 'v' vs config 'x0'" in (
       checkpoint.config_differences(s2a, s2b))
+
+
+def _leaves(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k
+
+
+def test_print_config_lists_every_field_with_its_comment_and_starts_no_backend(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="no_such_platform")  # a backend would fail
+  out = subprocess.run([sys.executable, "-m", "ldm_jax.train", "--config=configs/txt2img.py",
+                        "--config.stage2.lr=5e-5", "--print_config"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  c = load("txt2img")
+  names = list(_leaves(c.to_dict()))
+  assert [l.split(" = ")[0] for l in lines] == names
+  assert "stage2.lr = 5e-05  # AdamW's peak learning rate | (tiny) a high learning rate" in out.stdout
+  assert "stage1.total_steps = 1600  # optimizer steps of this stage" in out.stdout
+  assert "stage2.conditioning.context = 'text'  # 'text' (cross-attention)" in out.stdout
+  assert "stage2.unet.model_channels = 32  # base width" in out.stdout
+  assert not os.path.exists(tmp_path / "runs")
+
+
+def test_comments_are_read_where_fields_are_defined(tmp_path):
+  from ldm_jax import config_docs
+  src = tmp_path / "cfg.py"
+  src.write_text(
+      "def get_config(arg):\n"
+      "  c.a = 1  # the a\n"
+      "  # the b,\n"
+      "  # over two lines\n"
+      "  c.sub.b = 2\n"
+      "  c.d = ml_collections.ConfigDict(dict(\n"
+      "      x=1,  # the x\n"
+      "      y=2))\n"
+      "  if arg.size == 'tiny':\n"
+      "    c.a = 3  # smaller\n"
+      "  c.e = 4\n")
+  assert config_docs.comments(str(src)) == {
+      "a": "(arg.size == 'tiny') smaller", "sub.b": "the b, over two lines", "d.x": "the x"}
+
+
+def test_configs_ship_with_a_non_editable_install(tmp_path):
+  """`pip install .` (a wheel) carries configs/ as ldm_jax/configs, and
+  --config=configs/NAME.py finds them from any folder."""
+  import shutil
+  src = tmp_path / "src"
+  src.mkdir()
+  shutil.copy(os.path.join(ROOT, "setup.py"), src)
+  for part in ("ldm_jax", "configs"):
+    shutil.copytree(os.path.join(ROOT, part), src / part,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                  "--no-index", "--quiet", f"--target={tmp_path / 'site'}", str(src)],
+                 check=True, timeout=300, capture_output=True)
+  shipped = set(os.listdir(tmp_path / "site" / "ldm_jax" / "configs"))
+  assert shipped >= {f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py")}
+  cwd = tmp_path / "elsewhere"
+  cwd.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"), JAX_PLATFORMS="no_such_platform")
+  out = subprocess.run([sys.executable, "-m", "ldm_jax.train",
+                        "--config=configs/class_cond.py:size=base", "--print_config"],
+                       cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "stage2.conditioning.classes = 5" in out.stdout
+  assert "stage2.sample.guidance = 1.5  # " in out.stdout

@@ -35,6 +35,9 @@ def _config(tmp_path, **stage1):
   return config_lib.for_stage(c, "stage2")
 
 
+SOURCE = {"stage1_step": 7, "stage1_config": "abc"}
+
+
 def _cached(out_dir, pattern="latents-p*.tar"):
   """(latent, std or None, caption) of every cached sample, in write order."""
   got = []
@@ -51,7 +54,8 @@ def _build(c, tmp_path, out=None):
   variables = task.first.init(jax.random.key(1))
   moments = jax.jit(task.first.moments, out_shardings=parallel.batch_sharding(mesh))
   out = out or str(tmp_path / "latents")
-  pattern = latent_cache.build(c, lambda x: moments(variables, x), mesh, out, batch_size=16)
+  pattern = latent_cache.build(c, lambda x: moments(variables, x), mesh, out, batch_size=16,
+                               source=SOURCE)
   return task, variables, out, pattern
 
 
@@ -80,17 +84,18 @@ def test_complete_cache_is_reused_and_a_changed_one_rebuilt(tmp_path):
   _, _, out, pattern = _build(c, tmp_path)
   never = lambda x: (_ for _ in ()).throw(AssertionError("re-encoded a complete cache"))
   mesh = parallel.make_mesh(c)
-  assert latent_cache.build(c, never, mesh, out, batch_size=16) == pattern
+  assert latent_cache.build(c, never, mesh, out, batch_size=16, source=SOURCE) == pattern
+  assert latent_cache.cached_pattern(out, c, dict(SOURCE, stage1_step=8)) == ""
   other = c.unlock()
   other.stage1.loss.kl_weight = 1e-3
-  assert latent_cache.cached_pattern(out, other) == ""
+  assert latent_cache.cached_pattern(out, other, SOURCE) == ""
 
 
 def test_cache_at_a_url(tmp_path):
   c = _config(tmp_path)
   _, _, out, pattern = _build(c, tmp_path, out="memory://ldm/latents")
   assert pattern == "memory://ldm/latents/latents-p*.tar"
-  assert latent_cache.cached_pattern(out, c) == pattern
+  assert latent_cache.cached_pattern(out, c, SOURCE) == pattern
   batch = next(data.make_iterator(run._on_latents(c, pattern).data, batch_size=60, seed=0))
   assert batch["latent"].shape[0] == 60
 
@@ -150,7 +155,7 @@ def test_two_processes_build_one_cache(tmp_path):
   assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
   c = cache_worker_config(str(tmp_path))
   out = str(tmp_path / "latents")
-  assert latent_cache.cached_pattern(out, c)
+  assert latent_cache.cached_pattern(out, c, {})
   for p in range(2):
     it = data.make_iterator(c.data, batch_size=4, process_index=p, process_count=2, seed=c.seed)
     examples = list(it.one_epoch())

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 from ldm_jax.models import layers
-from ldm_jax.training.step import accumulate_gradients
+from ldm_jax.training.step import Task, accumulate_gradients
 
 
 class TinyDenoiser(nn.Module):
@@ -20,7 +20,7 @@ class TinyDenoiser(nn.Module):
     return layers.Conv(x.shape[-1], name="conv_out")(nn.swish(h))
 
 
-class ToyTask:
+class ToyTask(Task):
   """Learns to remove Gaussian noise from the batch's images."""
 
   def __init__(self, config):

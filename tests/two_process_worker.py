@@ -40,7 +40,8 @@ def cache_main(port: int, process_id: int, workdir: str):
   c = cache_worker_config(workdir)
   mesh = parallel.make_mesh(c)
   encode = jax.jit(lambda x: (pool(x), None), out_shardings=parallel.batch_sharding(mesh))
-  latent_cache.build(c, encode, mesh, os.path.join(workdir, "latents"), batch_size=8)
+  latent_cache.build(c, encode, mesh, os.path.join(workdir, "latents"), batch_size=8,
+                     source={})
   jax.distributed.shutdown()
 
 

@@ -17,9 +17,9 @@ import tarfile
 import tempfile
 from typing import Callable, Iterable, Optional
 
-import fsspec
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.data.shards import add_member
 
 
@@ -37,7 +37,7 @@ class LatentShardWriter:
   def __init__(self, out_dir: str, *, prefix: str = "latents", shard_size: int = 1000,
                dtype=np.float16):
     self.out_dir, self.prefix, self.shard_size, self.dtype = out_dir, prefix, shard_size, dtype
-    self.remote = "://" in out_dir
+    self.remote = storage.is_url(out_dir)
     self._local = tempfile.mkdtemp(prefix="latents-") if self.remote else out_dir
     os.makedirs(self._local, exist_ok=True)
     self.count, self.shards, self._in_shard, self._tar = 0, 0, 0, None
@@ -64,8 +64,8 @@ class LatentShardWriter:
     local = self._path(self.shards)
     os.replace(local + ".tmp", local)
     if self.remote:
-      with open(local, "rb") as src, fsspec.open(f"{self.out_dir}/{os.path.basename(local)}",
-                                                 "wb") as dst:
+      with open(local, "rb") as src, storage.open(
+          storage.join(self.out_dir, os.path.basename(local)), "wb") as dst:
         shutil.copyfileobj(src, dst)
       os.remove(local)
     self._tar, self.shards, self._in_shard = None, self.shards + 1, 0

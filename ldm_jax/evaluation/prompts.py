@@ -2,8 +2,6 @@
 (attribute combinations never seen in training), read the attributes back from the
 pixels with `shapes.classify_image`, and score them against the prompt and chance.
 `python -m ldm_jax.evaluate_prompts` is its command line."""
-import json
-import os
 import time
 
 import numpy as np
@@ -37,9 +35,9 @@ def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, see
   """Samples and scores `num` held-out prompts with the stage-2 checkpoint in
   `ckpt_dir`; writes results.json and grid.png to `out` and returns the results."""
   import jax
-  from ldm_jax import checkpoint, sampling
+  from ldm_jax import sampling, storage
   from ldm_jax.training import images as image_io
-  checkpoint.check_writable(out)
+  storage.check_writable(out)
   task, state, mesh, config = sampling.load(ckpt_dir)
   if task.cond.context != "text":
     raise ValueError("evaluate_prompts needs a text-to-image model")
@@ -64,7 +62,6 @@ def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, see
                 guidance=task.c.sample.guidance if guidance is None else guidance,
                 prompts=prompts)
   if jax.process_index() == 0:
-    with open(os.path.join(out, "results.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    image_io.save_png(image_io.grid(images[:64], cols=8), os.path.join(out, "grid.png"))
+    storage.write_json(storage.join(out, "results.json"), result, indent=1)
+    image_io.save_png(image_io.grid(images[:64], cols=8), storage.join(out, "grid.png"))
   return result

@@ -5,14 +5,13 @@ becomes pure data parallelism over the devices present, and Orbax reshards the
 arrays onto it (checkpoints restore onto any mesh).
 """
 import logging
-import os
 from typing import Callable, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from ldm_jax import checkpoint, parallel
+from ldm_jax import checkpoint, parallel, storage
 
 log = logging.getLogger("ldm_jax")
 
@@ -29,7 +28,7 @@ def restore(ckpt_dir: str, make_task: Callable, *, stage: str, what: str,
   Raises:
     ValueError: no folder, no complete checkpoint, or a checkpoint of another stage.
   """
-  if not os.path.isdir(ckpt_dir) and "://" not in ckpt_dir:
+  if not storage.exists(ckpt_dir):
     raise ValueError(f"no checkpoint folder at '{ckpt_dir}'")
   ckpt = checkpoint.Checkpointer(ckpt_dir)
   if ckpt.latest_step() is None:

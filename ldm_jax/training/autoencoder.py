@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from ldm_jax.evaluation.image_metrics import psnr, ssim
@@ -28,7 +27,7 @@ from ldm_jax.models.convert import load_torch_file, torch_to_flax
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.lpips import load_lpips
 from ldm_jax.training import autoencoder_losses as L
-from ldm_jax.training.step import accumulate_gradients, lr_schedule
+from ldm_jax.training.step import Task, accumulate_gradients, lr_schedule
 
 
 def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collections.ConfigDict:
@@ -63,9 +62,7 @@ def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collec
   # Weight w_g of the same penalty on the images' finite differences (the gradient-
   # difference loss), which charges a blurred outline where the pixel term hardly does.
   # tiny: 10, since without LPIPS (its VGG weights are a download) the pixel term alone
-  # decodes small stars and crosses as round blobs. Shapes, 1600 steps, 200 held-out
-  # images, kind kept by the round trip: w_g 0 / 1 / 3 / 10 / 30: 47.5 / 54 / 51 / 82.5 /
-  # 82.5%, PSNR 27.2 -> 28.8 dB at 10 (H100, float32).
+  # decodes small stars and crosses as round blobs (docs/experiments.md).
   c.loss.gradient_weight = 0.0 if size == "ref" else 10.0
   c.loss.perceptual_weight = 1.0     # LPIPS weight w_p; only used when both paths below are set
   c.loss.lpips_vgg_path = ""         # torchvision vgg16 state dict (features.*); "" = no LPIPS
@@ -92,7 +89,7 @@ def _tx(lr, c, total_steps):
   return optax.adam(schedule, b1=c.b1, b2=c.b2)
 
 
-class AutoencoderTask:
+class AutoencoderTask(Task):
   """Stage-1 Task. `config.stage1` from `default_config`; global `dtype`, `remat`, `grad_accum`."""
 
   def __init__(self, config):
@@ -257,30 +254,3 @@ class AutoencoderTask:
     if min(x.shape[1:3]) >= 11:  # SSIM's 11x11 window
       out["ssim"] = jnp.mean(ssim(x, images))
     return out
-
-  # ---- what stage 2 uses ----
-  def latents(self, params, images, rng=None):
-    """z = E(x): KL posterior mode (or a sample if `rng`), VQ pre-quantisation h. Unscaled."""
-    v = self._variables(params)
-    if self.c.kind == "vq":
-      return self.eval_model.apply(v, images, method="encode")
-    post = self.eval_model.apply(v, images, method="encode")
-    return post.sample(rng) if rng is not None else post.mode()
-
-  def decode(self, params, z):
-    """x_hat = D(z) (VQ: quantises z first), unscaled z."""
-    return self.eval_model.apply(self._variables(params), z, method="decode")
-
-  def latent_moments(self, params, images, rng=None):
-    """(sum z, sum z^2, count) over all latent elements of a (global) batch.
-
-    Summed over many batches, scale_factor = 1 / sqrt(E[z^2] - E[z]^2).
-    """
-    z = self.latents(params, images, rng).astype(jnp.float32)
-    return jnp.sum(z), jnp.sum(z * z), jnp.asarray(z.size, jnp.float32)
-
-
-def scale_factor(total_sum, total_sum_sq, count):
-  """1 / std(z) from accumulated `latent_moments`."""
-  mean = total_sum / count
-  return float(1.0 / np.sqrt(max(total_sum_sq / count - mean ** 2, 1e-12)))

@@ -1,9 +1,11 @@
 """Image grids and PNG files for sample and reconstruction outputs."""
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from ldm_jax import storage
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -25,8 +27,9 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-  """Writes a uint8 HxWxC (or [-1, 1] float) image, making the folder."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  """Writes a uint8 HxWxC (or [-1, 1] float) image to `path` (local or URL)."""
   if image.dtype != np.uint8:
     image = to_uint8(image)
-  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+  buf = io.BytesIO()
+  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, format="PNG")
+  storage.write_bytes(path, buf.getvalue())

@@ -12,21 +12,22 @@ the mean and the standard deviation, and stage 2 draws a fresh z each time a
 sample comes round, as it would from images. Data augmentation (random crops,
 flips) is frozen at the pass that encoded it, so the cache suits data without it.
 
-The cache is complete when `done.json` exists and names the same data and first
-stage as the run; otherwise it is (re)built. An interrupted build starts over.
+The cache is complete when `done.json` exists and names the same data, stage-1
+config and stage-1 checkpoint step as the run; otherwise it is (re)built. An
+interrupted build starts over.
 """
 import json
 import logging
 from typing import Callable
 
-import fsspec
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ldm_jax import config_lib, parallel
+from ldm_jax import config_lib, parallel, storage
 from ldm_jax.data import make_iterator
 from ldm_jax.data.latents import LatentShardWriter
+from ldm_jax.training.step import OnePassIterator
 
 log = logging.getLogger("ldm_jax")
 DONE = "done.json"
@@ -47,28 +48,29 @@ def check_config(config) -> None:
                 "pass that encodes the cache", config.data.crop, config.data.flip)
 
 
-def _signature(config) -> dict:
-  """What the cached latents depend on: the data and the first stage."""
+def _signature(config, source: dict) -> dict:
+  """What the cached latents depend on: the data, the stage-1 config and the
+  weights (`source`: where the first stage's weights came from, e.g. its step)."""
   d = config_lib.to_dict(config)
   data = {k: v for k, v in d["data"].items() if k not in ("workers", "shuffle_buffer", "cache_dir")}
-  return {"data": data, "stage1": d["stage1"]}
+  return {"data": data, "stage1": d["stage1"], "first_stage": source}
 
 
-def cached_pattern(out_dir: str, config) -> str:
-  """The shards' pattern when `out_dir` holds a complete cache for `config`, else ''."""
-  fs, path = fsspec.core.url_to_fs(f"{out_dir}/{DONE}")
-  if not fs.exists(path):
+def cached_pattern(out_dir: str, config, source: dict) -> str:
+  """The shards' pattern when `out_dir` holds a complete cache for `config` and
+  the first stage `source` (`FirstStage.source`), else ''."""
+  path = storage.join(out_dir, DONE)
+  if not storage.exists(path):
     return ""
-  with fs.open(path) as f:
-    done = json.load(f)
-  if done.get("signature") != json.loads(json.dumps(_signature(config))):
+  done = storage.read_json(path)
+  if done.get("signature") != json.loads(json.dumps(_signature(config, source))):
     log.info("latent cache in %s was made from other data or another first stage; rebuilding",
              out_dir)
     return ""
   return done["pattern"]
 
 
-def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int) -> str:
+def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int, source: dict) -> str:
   """Encodes one pass of `config.data` into shards in `out_dir` (a folder all
   processes see: shared disk or an fsspec URL); returns their pattern.
 
@@ -80,19 +82,20 @@ def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int) -> s
     mesh: the mesh the images are sharded over (batch over data x fsdp).
     out_dir: the cache folder (shared by all processes).
     batch_size: global batch of the encoding pass.
+    source: where the first stage's weights came from (`FirstStage.source`),
+      recorded so that a cache of other weights is rebuilt.
   """
-  pattern = cached_pattern(out_dir, config)
+  pattern = cached_pattern(out_dir, config, source)
   if pattern:
     return pattern
   p, n = jax.process_index(), jax.process_count()
-  fs, root = fsspec.core.url_to_fs(out_dir)
-  if p == 0 and fs.exists(root):
-    fs.rm(root, recursive=True)  # a stale or partial cache
+  if p == 0:
+    storage.remove(out_dir, recursive=True)  # a stale or partial cache
   multihost_utils.sync_global_devices("latent_cache_clear")
   per_process = parallel.check_batch(batch_size, mesh)
   it = make_iterator(config.data, batch_size=per_process, process_index=p, process_count=n,
                      seed=config.seed)
-  if not hasattr(it, "one_epoch"):
+  if not isinstance(it, OnePassIterator):
     raise ValueError(f"config.stage2.latent_cache: data.source={config.data.source!r} "
                      "cannot be read in one pass")
   examples = it.one_epoch()
@@ -120,9 +123,9 @@ def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int) -> s
   pattern = f"{out_dir}/latents-p*.tar"
   multihost_utils.sync_global_devices("latent_cache_written")
   if p == 0:
-    with fs.open(f"{root}/{DONE}", "w") as f:
-      json.dump({"pattern": pattern, "count": count, "skipped": stats,
-                 "signature": _signature(config)}, f)
+    storage.write_json(storage.join(out_dir, DONE), {
+        "pattern": pattern, "count": count, "skipped": stats,
+        "signature": _signature(config, source)})
   multihost_utils.sync_global_devices("latent_cache_done")
   log.info("latent cache: %d samples encoded into %s%s", count, out_dir,
            f" (skipped: {stats})" if stats else "")

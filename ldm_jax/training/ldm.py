@@ -14,7 +14,7 @@ import optax
 from ldm_jax.diffusion import losses, samplers
 from ldm_jax.diffusion.schedule import make_schedule
 from ldm_jax.training import conditioning, first_stage
-from ldm_jax.training.step import accumulate_gradients, lr_schedule
+from ldm_jax.training.step import Task, accumulate_gradients, lr_schedule
 
 
 def ema_update(ema, params, decay, step):
@@ -35,7 +35,7 @@ def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
                      optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
 
 
-class LDMTask:
+class LDMTask(Task):
   """eps_theta(z_t, t, tau(y)) on the latents of a frozen first stage."""
 
   def __init__(self, config):
@@ -213,19 +213,19 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
       zero_terminal_snr=False))
   c.prediction_type = "eps"   # eps | v | x0
   c.weighting = "simple"      # simple | min_snr
-  c.min_snr_gamma = 5.0
+  c.min_snr_gamma = 5.0       # min_snr: the cap gamma of the SNR weight
   c.min_snr_floor = 0.0       # min_snr: x0-space weight min(max(SNR, floor), gamma); 1 = truncated SNR
   c.offset_noise = 0.0        # offset-noise scale (0 = off)
   c.timestep_sampling = "uniform"  # uniform | logit_normal: t = T sigmoid(u), u ~ N(logit_mean, logit_std)
-  c.logit_mean = 0.0
-  c.logit_std = 1.0
+  c.logit_mean = 0.0          # logit_normal: the mean of u
+  c.logit_std = 1.0           # logit_normal: the standard deviation of u
   c.cond_drop = 0.1           # P(condition replaced by the null condition): classifier-free guidance
   c.ema_decay = 0.9999        # EMA of the weights (with the reference's warm-up)
-  c.lr = 1e-4
-  c.warmup_steps = 1000
+  c.lr = 1e-4                 # AdamW's peak learning rate
+  c.warmup_steps = 1000       # linear warm-up from 0
   c.lr_decay = "constant"     # after warm-up: 'constant' (the reference) | 'cosine' (to 0 at total_steps)
-  c.weight_decay = 0.0
-  c.grad_clip = 1.0
+  c.weight_decay = 0.0        # AdamW's decoupled weight decay
+  c.grad_clip = 1.0           # the gradients' global norm is clipped to this
   c.scale_factor = 0.0        # z = scale_factor * E(x); 0 = estimate 1/std(z) after stage 1
   c.first_stage_workdir = ""  # a stage-1 workdir to take the autoencoder from ("" = this run's)
   # Encode the training set once before the first step and train on the stored

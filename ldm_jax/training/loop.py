@@ -3,7 +3,6 @@ update step -> steps with logging, checkpoints, sample grids, NaN and SIGTERM
 handling. A stage plugs in as a Task (`ldm_jax.training.step`)."""
 import logging
 import math
-import os
 import signal
 import time
 from typing import Callable, Optional
@@ -13,9 +12,9 @@ import numpy as np
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from ldm_jax import checkpoint, config_lib, parallel
+from ldm_jax import checkpoint, config_lib, parallel, storage
 from ldm_jax.training import images as image_io
-from ldm_jax.training.summary import SummaryWriter
+from ldm_jax.training.step import DataIterator, Task
 
 log = logging.getLogger("ldm_jax")
 
@@ -24,23 +23,32 @@ class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or Inf; the last checkpoint is left as it was."""
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+class Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly.
 
-  def __init__(self):
-    self.requested = False
-    self._old = None
+  The flag is the process's: the contexts nest (a job holds one around all its
+  stages, each stage's loop its own inside), the outermost installs the handler
+  and clears the flag, so a signal that arrives between two stages is not lost.
+  """
+  requested = False
+  _depth = 0
+  _old = None
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler
-      self._old = None
+    cls = type(self)
+    if cls._depth == 0:
+      cls.requested = False
+      try:
+        cls._old = signal.signal(signal.SIGTERM, cls._handle)
+      except ValueError:  # not the main thread: no handler
+        cls._old = None
+    cls._depth += 1
     return self
 
-  def _handle(self, signum, frame):
+  @classmethod
+  def _handle(cls, signum, frame):
     del signum, frame
-    self.requested = True
+    cls.requested = True
 
   def agreed(self) -> bool:
     """True when any process was asked to stop (all processes must agree)."""
@@ -50,8 +58,11 @@ class _Preemption:
     return bool(np.any(flags))
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    cls = type(self)
+    cls._depth -= 1
+    if cls._depth == 0 and cls._old is not None:
+      signal.signal(signal.SIGTERM, cls._old)
+      cls._old = None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -70,17 +81,16 @@ def _memory_report(compiled) -> str:
     return "n/a"
 
 
-def run(task, config, workdir: str, make_data: Callable, *,
+def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator], *,
         sample_batch: Optional[dict] = None, devices=None,
         initial_values: Optional[Callable] = None) -> dict:
   """Trains `task` for `config.total_steps` steps, resuming from `workdir`.
 
   Args:
-    task: a Task (init / update / sample / prepare_batch).
+    task: the stage (`ldm_jax.training.step.Task`).
     config: the stage's config (spine fields + the stage's own).
-    workdir: where checkpoints, event files and sample grids go.
-    make_data: (data_state or None, per_process_batch) -> iterator with
-      `get_state()`, `set_state()`, `stats()`.
+    workdir: where checkpoints, event files and sample grids go (local or URL).
+    make_data: (data_state or None, per_process_batch) -> DataIterator.
     sample_batch: host-local batch for the periodic sample grids (None: none).
     devices: the devices of the mesh (default: all).
     initial_values: (state, shardings) -> state, applied to a fresh (not restored)
@@ -91,12 +101,12 @@ def run(task, config, workdir: str, make_data: Callable, *,
     preempted=bool, mesh=..., shardings=...).
   """
   is_main = jax.process_index() == 0
-  checkpoint.check_writable(workdir)
+  storage.check_writable(workdir)
   mesh = parallel.make_mesh(config, devices)
   rules = parallel.rules_of(config)
   per_process = parallel.check_batch(config.batch_size, mesh, config.grad_accum)
   init_rng, step_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   cfg_dict = config_lib.to_dict(config)
 
   data_state = None
@@ -141,25 +151,28 @@ def run(task, config, workdir: str, make_data: Callable, *,
   if sample_batch is not None:
     sample_fn = jax.jit(task.sample)
     sample_global = parallel.global_batch(task.prepare_batch(sample_batch), mesh)
-    if hasattr(task, "sample_metrics"):
-      metrics_fn = jax.jit(task.sample_metrics)
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else None
+    metrics_fn = jax.jit(task.sample_metrics)
+  writer = storage.summary_writer(storage.join(workdir, "tensorboard")) if is_main else None
+
+  def write_scalars(step, values):
+    for k, v in values.items():
+      writer.add_scalar(k, v, step)
 
   def save_samples(step):
     if sample_fn is None:
       return
     with parallel.activate(mesh, rules):
       images = sample_fn(state, sample_global, sample_rng)
-      metrics = metrics_fn(sample_global, images) if metrics_fn is not None else {}
+      metrics = metrics_fn(sample_global, images)
     metrics = {f"sample/{k}": float(v) for k, v in jax.device_get(metrics).items()}
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     if is_main:
       if metrics:
         log.info("step %d samples | %s", step, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        writer.scalars(step, metrics)
+        write_scalars(step, metrics)
       grid = image_io.grid(images)
-      image_io.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-      writer.image(step, "samples", grid)
+      image_io.save_png(grid, storage.join(workdir, "samples", f"step_{step:07d}.png"))
+      writer.add_image("samples", grid, step, dataformats="HWC")
 
   def check(metrics, step):
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -174,7 +187,7 @@ def run(task, config, workdir: str, make_data: Callable, *,
   steps_per_s = float("nan")
   preempted = False
   try:
-    with _Preemption() as preemption:
+    with Preemption() as preemption:
       while step < config.total_steps:
         state, metrics = compiled(state, batch, step_rng)
         step += 1
@@ -199,7 +212,7 @@ def run(task, config, workdir: str, make_data: Callable, *,
                      " ".join(f"{k} {v:.4g}" for k, v in means.items()), steps_per_s,
                      steps_per_s * config.batch_size,
                      _fmt_eta((config.total_steps - step) / max(steps_per_s, 1e-9)))
-            writer.scalars(step, {**{f"train/{k}": v for k, v in means.items()}, **stats,
+            write_scalars(step, {**{f"train/{k}": v for k, v in means.items()}, **stats,
                                   "perf/steps_per_s": steps_per_s,
                                   "perf/examples_per_s": steps_per_s * config.batch_size})
         if config.sample_every and step % config.sample_every == 0:

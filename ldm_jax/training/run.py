@@ -1,28 +1,40 @@
 """train_and_evaluate: stage 1 (autoencoder) and/or stage 2 (latent diffusion).
 
-`config.stages` lists what runs, in order. Each stage trains in its own folder
-of the workdir (`autoencoder/`, `ldm/`) and resumes there. Stage 2 takes its first
-stage from the autoencoder trained just before, or from
-`config.stage2.first_stage_workdir` (a stage-1 workdir of an earlier run).
+`config.stages` lists what runs, in order:
+
+  stage 1 -> the first stage (FirstStage.restore: weights + scale factor)
+          -> stage 2's inputs (the latent cache, when on) -> stage 2.
+
+Each stage trains in its own folder of the workdir (`autoencoder/`, `ldm/`) and
+resumes there. Stage 2 takes its first stage from the autoencoder trained just
+before, or from `config.stage2.first_stage_workdir` (the workdir of an earlier run).
+
+A SIGTERM stops the job at the next point where it can save (`Preempted`): a
+stage saves its checkpoint and nothing after it starts, so stage 2 is never
+built on an unfinished first stage; the same command resumes.
 """
-import json
 import logging
-import os
 
 import jax
 import ml_collections
-import numpy as np
 
-from ldm_jax import checkpoint, config_lib, parallel
-from ldm_jax import data as data_lib
+from ldm_jax import config_lib, data as data_lib, parallel, storage
 from ldm_jax.data import make_iterator
 from ldm_jax.training import latent_cache, loop
-from ldm_jax.training.autoencoder import AutoencoderTask, scale_factor as scale_from_moments
+from ldm_jax.training.autoencoder import AutoencoderTask
+from ldm_jax.training.first_stage import FirstStage
 from ldm_jax.training.ldm import LDMTask
 
 log = logging.getLogger("ldm_jax")
 STAGES = ("autoencoder", "ldm")
 STAGE_CONFIG = {"autoencoder": "stage1", "ldm": "stage2"}  # stage -> its config section
+# The exit status of a job stopped by SIGTERM after saving (sysexits' EX_TEMPFAIL:
+# "try again later"); launchers rerun the same command to resume.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """The job was asked to stop (SIGTERM); what had to be saved is saved."""
 
 
 def _data_factory(config, seed_offset: int = 0):
@@ -53,108 +65,69 @@ def _on_latents(config, pattern: str):
   return ml_collections.ConfigDict(d).lock()
 
 
-def _autoencoder_stage(config, workdir: str):
+def _stop_if_asked(preemption, what: str) -> None:
+  if preemption.agreed():
+    raise Preempted(f"SIGTERM: stopped after {what}; run the same command again to resume")
+
+
+def train_autoencoder(config, workdir: str) -> dict:
+  """Stage 1 in `workdir/autoencoder`; returns the loop's result."""
   c = config_lib.for_stage(config, "stage1")
-  task = AutoencoderTask(c)
   per_process = max(c.num_samples // jax.process_count(), 1)
-  res = loop.run(task, c, os.path.join(workdir, "autoencoder"), _data_factory(c),
-                 sample_batch=_first_batch(c, per_process, 1000, heldout=True))
-  return task, c, res
+  return loop.run(AutoencoderTask(c), c, storage.join(workdir, "autoencoder"), _data_factory(c),
+                  sample_batch=_first_batch(c, per_process, 1000, heldout=True))
 
 
-def _scale_factor(task, c, state, mesh, workdir: str) -> float:
-  """1/std(z) over `stage1.scale_batches` global batches from all processes; cached."""
-  path = os.path.join(workdir, "autoencoder", "scale_factor.json")
-  if os.path.exists(path):
-    return float(json.load(open(path))["scale_factor"])
-  it = _data_factory(c, 2000)(None, c.batch_size // jax.process_count())
-  moments = jax.jit(task.latent_moments)
-  total = np.zeros(3)
-  for _ in range(c.stage1.scale_batches):
-    x = parallel.global_batch({"image": next(it)["image"]}, mesh)["image"]
-    total += np.array(jax.device_get(moments(state["params"], x)), np.float64)
-  scale = scale_from_moments(*total)
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump({"scale_factor": scale, "batches": c.stage1.scale_batches}, f)
-  log.info("scale_factor = 1/std(z) = %.5f over %d batches", scale, c.stage1.scale_batches)
-  return scale
+def latent_data(c2, first: FirstStage, ldm_dir: str):
+  """Stage 2's data factory reading the latent cache of `first` in `ldm_dir/latents`,
+  encoded first when it is missing or was made from other data or weights."""
+  cache_dir = storage.join(ldm_dir, "latents")
+  pattern = latent_cache.cached_pattern(cache_dir, c2, first.source)
+  if not pattern:
+    moments = jax.jit(first.moments, out_shardings=parallel.batch_sharding(first.mesh))
+    with parallel.activate(first.mesh, parallel.rules_of(c2)):
+      pattern = latent_cache.build(c2, lambda x: moments(first.variables, x), first.mesh,
+                                   cache_dir, batch_size=c2.batch_size, source=first.source)
+  return _data_factory(_on_latents(c2, pattern))
 
 
-def _restore_first_stage(config, stage1_workdir: str):
-  """(task, variables, scale_factor) of a finished stage-1 run."""
-  c = config_lib.for_stage(config, "stage1")
-  task = AutoencoderTask(c)
-  mesh = parallel.make_mesh(c)
-  abstract, _ = parallel.abstract_state(task.init, jax.random.key(0), mesh, parallel.rules_of(c))
-  ckpt = checkpoint.Checkpointer(os.path.join(stage1_workdir, "autoencoder", "checkpoints"))
-  if ckpt.latest_step() is None:
-    raise ValueError(f"config.stage2.first_stage_workdir='{stage1_workdir}' has no stage-1 checkpoint")
-  saved = ckpt.saved_config()
-  diffs = checkpoint.config_differences(saved.get("stage1", {}), config_lib.to_dict(c)["stage1"])
-  if diffs:
-    raise ValueError("config.stage1 differs from the first stage in "
-                     f"{stage1_workdir}: " + "; ".join(diffs[:5]))
-  state, _, _ = ckpt.restore(abstract)
-  ckpt.close()
-  return task, c, state, mesh
+def train_ldm(config, workdir: str, first: FirstStage) -> dict:
+  """Stage 2 in `workdir/ldm` on the frozen `first` stage; returns the loop's result."""
+  c2 = config_lib.for_stage(config, "stage2")
+  task = LDMTask(c2)
+  ldm_dir = storage.join(workdir, "ldm")
+  make_data = latent_data(c2, first, ldm_dir) if c2.stage2.latent_cache else _data_factory(c2)
+  n = max(c2.num_samples // jax.process_count(), 1)
+  data_batch = _first_batch(c2, n, 1000) if task.cond.concat != "none" else None
+  return loop.run(task, c2, ldm_dir, make_data,
+                  sample_batch=task.cond.fixed_batch(n, data_batch),
+                  initial_values=lambda state, sh: first.put(task.initial_values(state, sh), sh))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs the stages of `config.stages` in `workdir`; returns each stage's result."""
+  """Runs the stages of `config.stages` in `workdir` (local or URL).
+
+  Returns:
+    {stage name: the loop's result} of each stage run.
+  Raises:
+    Preempted: SIGTERM; the running stage saved its checkpoint and nothing after
+      it started (the command line exits with EXIT_PREEMPTED).
+  """
   config_lib.validate(config)
   unknown = [s for s in config.stages if s not in STAGES]
   if unknown:
     raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {STAGES}")
   if "ldm" in config.stages:
     latent_cache.check_config(config)
-  checkpoint.check_writable(workdir)
+  storage.check_writable(workdir)
   results = {}
-  first = None  # (task, stage config, state, mesh)
-  if "autoencoder" in config.stages:
-    task, c, res = _autoencoder_stage(config, workdir)
-    results["autoencoder"] = res
-    first = (task, c, res["state"], res["mesh"])
-  if "ldm" in config.stages:
-    c2 = config_lib.for_stage(config, "stage2")
-    task2 = LDMTask(c2)
-    ldm_dir = os.path.join(workdir, "ldm")
-
-    def initial_values(state, shardings):
-      nonlocal first
-      state = task2.initial_values(state, shardings)
-      if first is None:
-        src = config.stage2.first_stage_workdir or workdir
-        first = _restore_first_stage(config, src)
-      ae_task, c1, ae_state, mesh = first
-      src_dir = config.stage2.first_stage_workdir or workdir
-      scale = config.stage2.scale_factor or _scale_factor(ae_task, c1, ae_state, mesh, src_dir)
-      variables = ae_task._variables(ae_state["params"])
-      frozen = dict(state["frozen"], first_stage=jax.device_put(
-          variables, shardings["frozen"]["first_stage"]))
-      return dict(state, frozen=frozen,
-                  scale_factor=jax.device_put(np.float32(scale), shardings["scale_factor"]))
-
-    def cached_data(state, per_process):  # the latent cache in place of the images
-      nonlocal first
-      cache_dir = os.path.join(ldm_dir, "latents")
-      pattern = latent_cache.cached_pattern(cache_dir, c2)
-      if not pattern:
-        if first is None:
-          first = _restore_first_stage(config, config.stage2.first_stage_workdir or workdir)
-        ae_task, c1, ae_state, mesh = first
-        moments = jax.jit(task2.first.moments, out_shardings=parallel.batch_sharding(mesh))
-        variables = ae_task._variables(ae_state["params"])
-        with parallel.activate(mesh, parallel.rules_of(c1)):
-          pattern = latent_cache.build(c2, lambda x: moments(variables, x), mesh, cache_dir,
-                                       batch_size=c2.batch_size)
-      return _data_factory(_on_latents(c2, pattern))(state, per_process)
-
-    make_data = cached_data if c2.stage2.latent_cache else _data_factory(c2)
-
-    n = max(c2.num_samples // jax.process_count(), 1)
-    data_batch = _first_batch(c2, n, 1000) if task2.cond.concat != "none" else None
-    results["ldm"] = loop.run(task2, c2, ldm_dir, make_data,
-                              sample_batch=task2.cond.fixed_batch(n, data_batch),
-                              initial_values=initial_values)
+  with loop.Preemption() as preemption:  # one flag for all stages
+    if "autoencoder" in config.stages:
+      results["autoencoder"] = train_autoencoder(config, workdir)
+      _stop_if_asked(preemption, f"stage 1 saved step {results['autoencoder']['step']}")
+    if "ldm" in config.stages:
+      first = FirstStage.restore(config, config.stage2.first_stage_workdir or workdir)
+      _stop_if_asked(preemption, "the scale factor")
+      results["ldm"] = train_ldm(config, workdir, first)
+      _stop_if_asked(preemption, f"stage 2 saved step {results['ldm']['step']}")
   return results

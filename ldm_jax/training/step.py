@@ -1,33 +1,78 @@
-"""Pieces every update step shares: the Task contract and micro-batch gradient accumulation.
+"""Pieces every update step shares: the contracts of the shared loop (`Task`, and
+`DataIterator` for its input) and micro-batch gradient accumulation.
 
-A *task* is what one training stage is to the shared loop (`ldm_jax.training.loop`):
-
-  class Task:
-    def init(self, rng) -> dict
-      # Pure. The train state as a dict with at least 'step'. Leaves that are
-      # `nn.LogicallyPartitioned` (flax boxed params, and optimizer states built
-      # from them) are sharded by the config's rules; the rest are replicated.
-      # The loop traces it under `jax.eval_shape`, then jits it with out_shardings,
-      # so weights are born sharded.
-    def update(self, state, batch, rng) -> (state, metrics)
-      # Pure. `state` is unboxed. `metrics` is a flat dict of scalars.
-    def sample(self, state, batch, rng) -> images
-      # Pure. NHWC images in [-1, 1] for the periodic grids (reconstructions for
-      # stage 1, generated images for stage 2).
-    def sample_metrics(self, batch, images) -> dict   # optional
-      # Pure. Scalars about the periodic samples (stage 1: PSNR and SSIM of the
-      # reconstructions of the held-out sample batch), logged as `sample/*`.
-    def prepare_batch(self, host_batch) -> dict of numpy arrays
-      # Host side: turns the data pipeline's batch (images, captions, labels)
-      # into arrays (e.g. tokenises captions) before they become global arrays.
-
-The loop jits `update` with explicit in/out shardings and donated state.
+A *task* is what one training stage is to the shared loop
+(`ldm_jax.training.loop`), which jits `update` with explicit in/out shardings and
+a donated state.
 """
-from typing import Callable
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+
+class Task(Protocol):
+  """One training stage. Stages subclass it, which gives them the optional parts."""
+
+  def init(self, rng) -> dict:
+    """Pure. The train state as a dict with at least 'step'.
+
+    Leaves that are `nn.LogicallyPartitioned` (flax boxed params, and optimizer
+    states built from them) are sharded by the config's rules; the rest are
+    replicated. The loop traces it under `jax.eval_shape`, then jits it with
+    out_shardings, so weights are born sharded.
+    """
+    ...
+
+  def update(self, state: dict, batch: dict, rng) -> tuple[dict, dict]:
+    """Pure. `state` is unboxed. Returns (state, metrics), metrics a flat dict of scalars."""
+    ...
+
+  def sample(self, state: dict, batch: dict, rng):
+    """Pure. NHWC images in [-1, 1] for the periodic grids (reconstructions for
+    stage 1, generated images for stage 2)."""
+    ...
+
+  def prepare_batch(self, host_batch: dict) -> dict:
+    """Host side: the data pipeline's batch (images, captions, labels) as arrays
+    (e.g. captions tokenised) before they become global arrays."""
+    ...
+
+  def sample_metrics(self, batch: dict, images) -> dict:
+    """Pure. Scalars about the periodic samples, logged as `sample/*` (stage 1:
+    PSNR and SSIM of the held-out reconstructions). Default: none."""
+    del batch, images
+    return {}
+
+
+@runtime_checkable
+class DataIterator(Protocol):
+  """What the loop reads batches from, and saves the position of in each checkpoint."""
+
+  def __next__(self) -> dict:
+    """The next host-local batch."""
+    ...
+
+  def get_state(self) -> dict:
+    """A JSON-able position; `set_state` of it continues the stream exactly."""
+    ...
+
+  def set_state(self, state: dict) -> None:
+    ...
+
+  def stats(self) -> dict:
+    """Counters (e.g. skipped samples by cause), logged as `data/*`."""
+    ...
+
+
+@runtime_checkable
+class OnePassIterator(DataIterator, Protocol):
+  """A data iterator that can also yield each example of its data once (the latent cache)."""
+
+  def one_epoch(self) -> Iterator[dict]:
+    ...
+
 
 LR_DECAYS = ("constant", "cosine")
 
