@@ -59,6 +59,8 @@ def main(argv):
   del argv
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/txt2img.py")
+  from ldm_jax import config_lib
+  config_lib.validate(FLAGS.config)  # every stage's settings, before devices or data
   workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(
       os.path.basename(FLAGS["config"].config_filename))[0])
   if FLAGS.multihost:

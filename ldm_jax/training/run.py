@@ -21,8 +21,7 @@ from ldm_jax.training.autoencoder import AutoencoderTask, scale_factor as scale_
 from ldm_jax.training.ldm import LDMTask
 
 log = logging.getLogger("ldm_jax")
-STAGES = ("autoencoder", "ldm")
-STAGE_CONFIG = {"autoencoder": "stage1", "ldm": "stage2"}  # stage -> its config section
+STAGE_CONFIG = config_lib.STAGE_SECTIONS  # stage -> its config section
 
 
 def _data_factory(config, seed_offset: int = 0):
@@ -102,10 +101,7 @@ def _restore_first_stage(config, stage1_workdir: str):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the stages of `config.stages` in `workdir`; returns each stage's result."""
-  config_lib.validate(config)
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {STAGES}")
+  config_lib.validate(config)  # every stage's settings, before any stage starts
   if "ldm" in config.stages:
     latent_cache.check_config(config)
   checkpoint.check_writable(workdir)
