@@ -103,6 +103,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def _step(self, step: int | None) -> int:
+    """`step`, or the latest for None; a ValueError naming the saved steps when it is absent."""
+    if step is None:
+      return self._mngr.latest_step()
+    if step not in self._mngr.all_steps():
+      raise ValueError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
+                       f"{self.all_steps()}")
+    return step
+
   def save(self, step: int, state, data_state, config_dict: dict, *, force: bool = False) -> None:
     """Starts an async save. `data_state` is this process's iterator state."""
     data_states = _allgather_json(data_state)
@@ -118,9 +130,9 @@ class Checkpointer:
       (state, data_state of this process or None, step).
     Raises:
       ValueError naming the config fields that differ when the checkpoint does
-      not fit the current config.
+      not fit the current config, or the saved steps when `step` is not one.
     """
-    step = self._mngr.latest_step() if step is None else step
+    step = self._step(step)
     meta = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     saved_config = meta.config
     if config_dict is not None and saved_config is not None:
@@ -144,7 +156,7 @@ class Checkpointer:
     return out.state, data_state, step
 
   def saved_config(self, step: int | None = None) -> dict:
-    step = self._mngr.latest_step() if step is None else step
+    step = self._step(step)
     return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def wait(self) -> None:

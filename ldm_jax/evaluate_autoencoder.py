@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from ldm_jax import cli
+
 flags.DEFINE_string("workdir", None, "A training workdir (its autoencoder/ checkpoints are used).")
 flags.DEFINE_string("checkpoint", None, "A stage-1 checkpoints folder (instead of --workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -90,6 +92,13 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
 
 def main(argv):
   del argv
+  ckpt_dir = FLAGS.checkpoint or (os.path.join(FLAGS.workdir, "autoencoder", "checkpoints")
+                                  if FLAGS.workdir else None)
+  if ckpt_dir is None:
+    raise app.UsageError("give --workdir or --checkpoint")
+  for name in ("num", "batch"):
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name}={FLAGS[name].value}: must be at least 1")
   from ldm_jax.console import setup_logging
   setup_logging()
   import jax
@@ -97,10 +106,6 @@ def main(argv):
   from ldm_jax.evaluation.restore import restore
   from ldm_jax.training.autoencoder import AutoencoderTask
   log = logging.getLogger("ldm_jax")
-  ckpt_dir = FLAGS.checkpoint or (os.path.join(FLAGS.workdir, "autoencoder", "checkpoints")
-                                  if FLAGS.workdir else None)
-  if ckpt_dir is None:
-    raise app.UsageError("give --workdir or --checkpoint")
   out_dir = FLAGS.out or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "eval")
   inception = None
   if FLAGS.inception:
@@ -132,4 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,6 +10,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax import cli
+
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, e.g. configs/txt2img.py:size=tiny",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).")
@@ -80,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
