@@ -3,7 +3,8 @@
 A checkpoint step holds three items:
   state  -- the sharded train state (restored onto whatever mesh the caller's
             abstract state names, so a job can come back on another slice);
-  data   -- every process's data-iterator state (a JSON list, index = process);
+  data   -- every process's data-iterator state (a JSON list, index = process),
+            and the training loop's own small state (its running loss statistics);
   config -- the run's config as JSON, checked against the resuming config.
 Orbax writes a step into a temporary directory and renames it when complete, so
 `latest_step()` never names a step whose save was interrupted.
@@ -22,7 +23,8 @@ from jax.experimental import multihost_utils
 # what the checkpoint holds.
 _RUNTIME_FIELDS = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "sample_every",
                    "num_samples", "mesh", "dcn_mesh", "sharding_rules", "batch_size",
-                   "grad_accum", "remat", "data", "eval", "lr", "warmup_steps")
+                   "grad_accum", "remat", "data", "eval", "lr", "warmup_steps",
+                   "divergence_factor")
 
 
 # Orbax splits the writing of a replicated array over its replicas with one
@@ -115,13 +117,26 @@ class Checkpointer:
                        f"{self.all_steps()}")
     return step
 
-  def save(self, step: int, state, data_state, config_dict: dict, *, force: bool = False) -> None:
-    """Starts an async save. `data_state` is this process's iterator state."""
+  def save(self, step: int, state, data_state, config_dict: dict, *, force: bool = False,
+           loop_state: dict | None = None) -> None:
+    """Starts an async save. `data_state` is this process's iterator state;
+    `loop_state` the training loop's (JSON, the same on every process)."""
     data_states = _allgather_json(data_state)
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"processes": data_states}),
+        data=ocp.args.JsonSave({"processes": data_states, "loop": loop_state}),
         config=ocp.args.JsonSave(config_dict)), force=force)
+
+  def delete(self, step: int) -> None:
+    """Removes `step` (after any save in flight), e.g. a state found diverged after it was saved."""
+    self._mngr.wait_until_finished()
+    self._mngr.delete(step)
+
+  def loop_state(self, step: int | None = None) -> dict | None:
+    """The `loop_state` saved with `step` (default: the latest); None when none was."""
+    step = self._step(step)
+    data = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    return (data or {}).get("loop")
 
   def restore(self, abstract_state, config_dict: dict | None = None, step: int | None = None):
     """Restores `step` (default: latest) onto the shardings in `abstract_state`.

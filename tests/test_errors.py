@@ -104,6 +104,7 @@ def test_debug_shows_the_traceback(scratch):
     ("total_steps", -5, "config.stage1.total_steps: must be >= 0"),
     ("total_steps", 0, "remove 'autoencoder' from config.stages"),
     ("grad_accum", 3, "config.stage1.batch_size: must be a multiple of grad_accum=3"),
+    ("divergence_factor", -1.0, "config.stage1.divergence_factor"),
 ])
 def test_each_stage_is_validated_before_any_starts(tmp_path, field, value, match):
   from ldm_jax.training import run
