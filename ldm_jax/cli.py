@@ -84,7 +84,7 @@ def _parse(argv):
     if _debug(argv):
       raise
     _fail(_no_such_field(e, argv))
-  except EXPECTED + (TypeError,) as e:  # TypeError: a config file's own, passed on
+  except EXPECTED as e:  # absl wraps a parser's TypeError / ValueError in a flags error
     if _debug(argv):
       raise
     _fail(one_line(e))
