@@ -3,7 +3,8 @@
 A checkpoint step holds three items:
   state  -- the sharded train state (restored onto whatever mesh the caller's
             abstract state names, so a job can come back on another slice);
-  data   -- every process's data-iterator state (a JSON list, index = process);
+  data   -- every process's data-iterator state (a JSON list, index = process),
+            and the training loop's own small state (its running loss statistics);
   config -- the run's config as JSON, checked against the resuming config.
 Orbax writes a step into a temporary directory and renames it when complete, so
 `latest_step()` never names a step whose save was interrupted.
@@ -23,7 +24,8 @@ from ldm_jax import storage
 # what the checkpoint holds.
 _RUNTIME_FIELDS = ("total_steps", "log_every", "ckpt_every", "keep_ckpts", "sample_every",
                    "num_samples", "mesh", "dcn_mesh", "sharding_rules", "batch_size",
-                   "grad_accum", "remat", "data", "eval", "lr", "warmup_steps")
+                   "grad_accum", "remat", "data", "eval", "lr", "warmup_steps",
+                   "divergence_factor")
 
 
 # Orbax splits the writing of a replicated array over its replicas with one
@@ -90,13 +92,38 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state, data_state, config_dict: dict, *, force: bool = False) -> None:
-    """Starts an async save. `data_state` is this process's iterator state."""
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def _step(self, step: int | None) -> int:
+    """`step`, or the latest for None; a ValueError naming the saved steps when it is absent."""
+    if step is None:
+      return self._mngr.latest_step()
+    if step not in self._mngr.all_steps():
+      raise ValueError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
+                       f"{self.all_steps()}")
+    return step
+
+  def save(self, step: int, state, data_state, config_dict: dict, *, force: bool = False,
+           loop_state: dict | None = None) -> None:
+    """Starts an async save. `data_state` is this process's iterator state;
+    `loop_state` the training loop's (JSON, the same on every process)."""
     data_states = _allgather_json(data_state)
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave({"processes": data_states}),
+        data=ocp.args.JsonSave({"processes": data_states, "loop": loop_state}),
         config=ocp.args.JsonSave(config_dict)), force=force)
+
+  def delete(self, step: int) -> None:
+    """Removes `step` (after any save in flight), e.g. a state found diverged after it was saved."""
+    self._mngr.wait_until_finished()
+    self._mngr.delete(step)
+
+  def loop_state(self, step: int | None = None) -> dict | None:
+    """The `loop_state` saved with `step` (default: the latest); None when none was."""
+    step = self._step(step)
+    data = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    return (data or {}).get("loop")
 
   def restore(self, abstract_state, config_dict: dict | None = None, step: int | None = None):
     """Restores `step` (default: latest) onto the shardings in `abstract_state`.
@@ -105,9 +132,9 @@ class Checkpointer:
       (state, data_state of this process or None, step).
     Raises:
       ValueError naming the config fields that differ when the checkpoint does
-      not fit the current config.
+      not fit the current config, or the saved steps when `step` is not one.
     """
-    step = self._mngr.latest_step() if step is None else step
+    step = self._step(step)
     meta = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     saved_config = meta.config
     if config_dict is not None and saved_config is not None:
@@ -131,7 +158,7 @@ class Checkpointer:
     return out.state, data_state, step
 
   def saved_config(self, step: int | None = None) -> dict:
-    step = self._mngr.latest_step() if step is None else step
+    step = self._step(step)
     return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def wait(self) -> None:

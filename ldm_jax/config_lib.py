@@ -44,27 +44,65 @@ def spine(**overrides: Any) -> ml_collections.ConfigDict:
   c.keep_ckpts = 3                 # checkpoints kept
   c.sample_every = 1000            # PNG grid + TensorBoard image (0 = only at the end)
   c.num_samples = 16               # images in a sample grid
+  # Stop, keeping the last good checkpoint, when the loss exceeds its running mean by
+  # more than this many times the running mean of |loss| (0 = off): a blow-up, far
+  # outside the batch-to-batch noise of a loss, whatever its sign.
+  c.divergence_factor = 10.0
   for k, v in overrides.items():
     c[k] = v
   return c
 
 
-def validate(config) -> None:
-  """Checks that need no devices; raises ValueError naming the field."""
+# The stages `config.stages` may list, and the config section each trains with.
+STAGE_SECTIONS = {"autoencoder": "stage1", "ldm": "stage2"}
+
+
+def _validate_spine(config, name) -> None:
+  """Raises ValueError naming `name(field)` when a spine field of `config` is invalid."""
   def need(cond, field, msg):
     if not cond:
-      raise ValueError(f"config.{field}: {msg} (got {config.get(field)!r})")
+      raise ValueError(f"{name(field)}: {msg} (got {config.get(field)!r})")
 
   need(config.batch_size > 0, "batch_size", "must be positive")
   need(config.total_steps >= 0, "total_steps", "must be >= 0")
   need(config.grad_accum >= 1, "grad_accum", "must be >= 1")
+  need(config.batch_size % config.grad_accum == 0, "batch_size",
+       f"must be a multiple of grad_accum={config.grad_accum}")
   need(config.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
   need(config.log_every > 0, "log_every", "must be positive")
   need(config.ckpt_every > 0, "ckpt_every", "must be positive")
+  need(config.keep_ckpts > 0, "keep_ckpts", "must be positive")
+  need(config.sample_every >= 0, "sample_every", "must be >= 0")
+  need(config.num_samples > 0, "num_samples", "must be positive")
+  need(config.divergence_factor >= 0, "divergence_factor", "must be >= 0 (0 = off)")
   need([a for a, _ in config.mesh] == list(parallel.MESH_AXES), "mesh",
        f"must list the axes {parallel.MESH_AXES}")
+  sizes = [s for _, s in config.mesh]
+  need(all(s == -1 or s >= 1 for s in sizes) and sizes.count(-1) <= 1, "mesh",
+       "sizes must be >= 1, one of them may be -1")
   rule_names = {r[0] for r in config.sharding_rules}
   need("batch" in rule_names, "sharding_rules", "needs a rule for 'batch'")
+
+
+def validate(config) -> None:
+  """Checks that need no devices: the spine, and the spine each stage of
+  `config.stages` trains with (`for_stage`); raises ValueError naming the field."""
+  _validate_spine(config, lambda field: f"config.{field}")
+  stages = config.get("stages", ())
+  unknown = [s for s in stages if s not in STAGE_SECTIONS]
+  if unknown:
+    raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {tuple(STAGE_SECTIONS)}")
+  for stage in stages:
+    section = STAGE_SECTIONS[stage]
+    if section not in config:  # a stage config (for_stage) without the other stage's section
+      continue
+    def name(field, section=section):  # the field as the user sets it
+      return f"config.{section}.{field}" if field in config[section] else f"config.{field}"
+    c = for_stage(config, section)
+    _validate_spine(c, name)
+    if c.total_steps == 0:  # a listed stage that trains nothing would hand on a random model
+      raise ValueError(f"{name('total_steps')}: must be positive for a stage in config.stages "
+                       f"(got 0; remove '{stage}' from config.stages to skip it)")
 
 
 SPINE_FIELDS = tuple(spine().keys())

@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags
 
+from ldm_jax import cli
+
 flags.DEFINE_string("workdir", None, "A training workdir (its autoencoder/ checkpoints are used).")
 flags.DEFINE_string("checkpoint", None, "A stage-1 checkpoints folder (instead of --workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -89,6 +91,14 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
 
 def main(argv):
   del argv
+  from ldm_jax import storage
+  ckpt_dir = FLAGS.checkpoint or (storage.join(FLAGS.workdir, "autoencoder", "checkpoints")
+                                  if FLAGS.workdir else None)
+  if ckpt_dir is None:
+    raise app.UsageError("give --workdir or --checkpoint")
+  for name in ("num", "batch"):
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name}={FLAGS[name].value}: must be at least 1")
   from ldm_jax.console import setup_logging
   setup_logging()
   import jax
@@ -96,11 +106,6 @@ def main(argv):
   from ldm_jax.evaluation.restore import restore
   from ldm_jax.training.autoencoder import AutoencoderTask
   log = logging.getLogger("ldm_jax")
-  from ldm_jax import storage
-  ckpt_dir = FLAGS.checkpoint or (storage.join(FLAGS.workdir, "autoencoder", "checkpoints")
-                                  if FLAGS.workdir else None)
-  if ckpt_dir is None:
-    raise app.UsageError("give --workdir or --checkpoint")
   out_dir = FLAGS.out or storage.join(posixpath.dirname(ckpt_dir.rstrip("/")), "eval")
   inception = None
   if FLAGS.inception:
@@ -130,4 +135,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

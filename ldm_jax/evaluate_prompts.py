@@ -9,6 +9,8 @@ import logging
 
 from absl import app, flags
 
+from ldm_jax import cli
+
 flags.DEFINE_string("workdir", None, "A txt2img workdir (its ldm/ checkpoints are used).")
 flags.DEFINE_string("checkpoint", None, "A stage-2 checkpoints folder (instead of --workdir).")
 flags.DEFINE_integer("num", 100, "Held-out prompts to sample (one image each).")
@@ -26,6 +28,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  if not (FLAGS.workdir or FLAGS.checkpoint):
+    raise app.UsageError("give --workdir or --checkpoint")
+  for name in ("num", "steps", "chunk"):
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name}={FLAGS[name].value}: must be at least 1")
   from ldm_jax.console import setup_logging
   setup_logging()
   import jax
@@ -49,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -41,9 +41,29 @@ class Request:
   ema: bool = True
 
 
+def check_request(req: Request) -> None:
+  """Raises ValueError naming the flag of a request no model can serve (what depends
+  on the model is checked by `build_batch`)."""
+  def need(cond, flag, value, msg):
+    if not cond:
+      raise ValueError(f"--{flag}={value}: {msg}")
+
+  need(req.num >= 1, "num", req.num, "must be at least 1")
+  need(req.steps >= 1, "steps", req.steps, "must be at least 1")
+  need(0.0 <= req.strength <= 1.0, "strength", req.strength, "must be in [0, 1]")
+  need(req.eta >= 0.0, "eta", req.eta, "must be >= 0")
+  need(0.0 <= req.guidance_rescale <= 1.0, "guidance_rescale", req.guidance_rescale,
+       "must be in [0, 1]")
+  for flag in ("height", "width"):
+    value = getattr(req, flag)
+    need(value is None or value >= 1, flag, value, "must be at least 1")
+
+
 def read_prompts(prompts, prompts_file) -> list:
   out = list(prompts)
   if prompts_file:
+    if not os.path.isfile(prompts_file):
+      raise ValueError(f"--prompts_file '{prompts_file}' not found")
     with open(prompts_file, encoding="utf-8") as f:
       out += [line.strip() for line in f if line.strip()]
   return out
@@ -171,6 +191,7 @@ def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> 
 
 def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, devices=None) -> list:
   """Samples `req` from the checkpoint into `out`; returns the written paths (grid last)."""
+  check_request(req)
   storage.check_writable(out)
   task, state, mesh, config = load(ckpt_dir, step, devices)
   batch, meta = build_batch(task, config, req)

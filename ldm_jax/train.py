@@ -15,6 +15,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ldm_jax import cli
+
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, e.g. configs/txt2img.py:size=tiny",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go (local path or gs://).")
@@ -70,6 +72,8 @@ def main(argv):
     from ldm_jax import config_docs
     print(config_docs.describe(FLAGS.config, FLAGS["config"].config_filename))
     return
+  from ldm_jax import config_lib
+  config_lib.validate(FLAGS.config)  # every stage's settings, before devices or data
   workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(
       os.path.basename(FLAGS["config"].config_filename))[0])
   if FLAGS.multihost:
@@ -95,4 +99,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from ldm_jax.config_lib import resolve_config_argv
-  app.run(main, argv=resolve_config_argv(sys.argv))
+  cli.run(main, argv=resolve_config_argv(sys.argv))

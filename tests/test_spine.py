@@ -114,7 +114,7 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
         b["image"][:] = np.nan
       return b
 
-  with pytest.raises(loop.NonFiniteLoss, match="at step 6"):
+  with pytest.raises(loop.Diverged, match="at step 6"):
     loop.run(toy.ToyTask(config), config, str(tmp_path / "w"),
              lambda st, n: Poisoned(config.batch_size, state=st))
   from ldm_jax.checkpoint import Checkpointer

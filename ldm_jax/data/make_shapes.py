@@ -5,7 +5,6 @@ key.json + key.seg.png, the semantic map that configs/layout.py conditions on),
 the same format LAION data comes in, so the default run streams
 through exactly the path real data takes.
 """
-import argparse
 import io
 import json
 import os
@@ -14,10 +13,14 @@ import tarfile
 import tempfile
 import time
 
+from absl import app, flags
 from PIL import Image
 
+from ldm_jax import cli
 from ldm_jax.data import shapes
 from ldm_jax.data.shards import add_member
+
+FLAGS = flags.FLAGS
 
 
 def write_shards(out: str, num: int, resolution: int, *, seed: int = 0, split: str = "train",
@@ -71,23 +74,34 @@ def ensure_shapes_shards(cache_dir: str, num: int, resolution: int, seed: int = 
   return pattern
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True, help="folder for the shards")
-  ap.add_argument("--num", type=int, default=20000, help="examples")
-  ap.add_argument("--resolution", type=int, default=64, help="pixels per side (32..256)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--split", default="train", choices=shapes.SPLITS)
-  ap.add_argument("--shard-size", type=int, default=1000)
-  ap.add_argument("--format", default="png", choices=("png", "jpeg"))
-  a = ap.parse_args()
-  if not 32 <= a.resolution <= 256:
-    ap.error(f"--resolution {a.resolution} must be in 32..256")
+def _define_flags():
+  """The command line's flags, defined only when this module is the program: training
+  imports it too, beside entry points with flags of the same names (--num, --out)."""
+  flags.DEFINE_string("out", None, "Folder for the shards.")
+  flags.DEFINE_integer("num", 20000, "Examples.")
+  flags.DEFINE_integer("resolution", 64, "Pixels per side (32..256).")
+  flags.DEFINE_integer("seed", 0, "Seed of the examples.")
+  flags.DEFINE_enum("split", "train", shapes.SPLITS, "Which attribute combinations.")
+  flags.DEFINE_integer("shard_size", 1000, "Examples per shard.")
+  flags.DEFINE_alias("shard-size", "shard_size")
+  flags.DEFINE_enum("format", "png", ["png", "jpeg"], "Image format in the shards.")
+
+
+def main(argv):
+  del argv
+  if not FLAGS.out:
+    raise app.UsageError("--out is required: the folder for the shards")
+  if not 32 <= FLAGS.resolution <= 256:
+    raise app.UsageError(f"--resolution={FLAGS.resolution}: must be in 32..256")
+  for name in ("num", "shard_size"):
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name}={FLAGS[name].value}: must be at least 1")
   t = time.time()
-  pattern = write_shards(a.out, a.num, a.resolution, seed=a.seed, split=a.split,
-                         shard_size=a.shard_size, image_format=a.format)
-  print(f"wrote {a.num} examples to {pattern} in {time.time() - t:.1f} s")
+  pattern = write_shards(FLAGS.out, FLAGS.num, FLAGS.resolution, seed=FLAGS.seed, split=FLAGS.split,
+                         shard_size=FLAGS.shard_size, image_format=FLAGS.format)
+  print(f"wrote {FLAGS.num} examples to {pattern} in {time.time() - t:.1f} s")
 
 
 if __name__ == "__main__":
-  main()
+  _define_flags()
+  cli.run(main)

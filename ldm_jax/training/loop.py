@@ -1,6 +1,14 @@
 """The shared training loop: mesh -> sharded state (new or restored) -> compiled
-update step -> steps with logging, checkpoints, sample grids, NaN and SIGTERM
-handling. A stage plugs in as a Task (`ldm_jax.training.step`)."""
+update step -> steps with logging, checkpoints, sample grids, divergence and
+SIGTERM handling. A stage plugs in as a Task (`ldm_jax.training.step`).
+
+No diverged state becomes a checkpoint. Step N's metrics are checked while step
+N+1 runs, so the host never waits on the device, except before a save: then
+they are checked first. They hold the loss of the state before step N and
+whether the state after it is finite. A state's own loss is known one step
+after it is saved, so a checkpoint whose next loss is non-finite or divergent
+is removed: the latest checkpoint is always one whose loss was seen good.
+"""
 import logging
 import math
 import signal
@@ -8,6 +16,7 @@ import time
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 from jax.experimental import multihost_utils
@@ -19,8 +28,59 @@ from ldm_jax.training.step import DataIterator, Task
 log = logging.getLogger("ldm_jax")
 
 
-class NonFiniteLoss(FloatingPointError):
-  """The loss became NaN or Inf; the last checkpoint is left as it was."""
+class Diverged(FloatingPointError):
+  """The loss or the state became non-finite, or the loss diverged; the message
+  names the checkpoint to restart from."""
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is free of NaN and Inf."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+class _DivergenceGuard:
+  """Running means of the loss and of |loss| over ~50 steps; a loss above the first
+  by more than `factor` times the second is divergent. Scaled by |loss|, not by the
+  loss, because a stage-1 NLL with a learned variance falls through zero."""
+
+  DECAY = 0.98
+
+  def __init__(self, factor: float, state: Optional[dict] = None):
+    self.factor = factor
+    self.mean = self.scale = None
+    if state:
+      self.mean, self.scale = state["loss_mean"], state["loss_scale"]
+
+  def check(self, loss: Optional[float]) -> Optional[str]:
+    """What is divergent about `loss` (None: nothing, and it joins the means)."""
+    if loss is None or not self.factor:
+      return None
+    if self.mean is None:
+      self.mean, self.scale = loss, abs(loss)
+      return None
+    if self.scale > 0 and loss - self.mean > self.factor * self.scale:
+      return (f"loss {loss:.4g} exceeds its running mean {self.mean:.4g} by "
+              f"{(loss - self.mean) / self.scale:.3g} x its running |loss| {self.scale:.4g} "
+              f"(config.divergence_factor={self.factor:g})")
+    self.mean = self.DECAY * self.mean + (1 - self.DECAY) * loss
+    self.scale = self.DECAY * self.scale + (1 - self.DECAY) * abs(loss)
+    return None
+
+  def state(self) -> Optional[dict]:
+    return None if self.mean is None else {"loss_mean": self.mean, "loss_scale": self.scale}
+
+
+def _non_finite_checkpoint(ckpt, abstract, step: int) -> str:
+  """The error for a restored `step` whose state is not finite, naming the last finite one."""
+  is_finite = jax.jit(all_finite)
+  for s in reversed([s for s in ckpt.all_steps() if s < step]):
+    if bool(is_finite(ckpt.restore(abstract, step=s)[0])):
+      newer = [t for t in ckpt.all_steps() if t > s]
+      return (f"the checkpoint of step {step} in {ckpt.directory} holds NaN or Inf; the last "
+              f"finite one is step {s}: remove the step folder(s) {newer} to resume from it")
+  return (f"the checkpoint of step {step} in {ckpt.directory} holds NaN or Inf and no earlier "
+          "one is finite: remove the folder to start over")
 
 
 class Preemption:
@@ -109,10 +169,15 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   cfg_dict = config_lib.to_dict(config)
 
-  data_state = None
+  data_state = loop_state = None
   if ckpt.latest_step() is not None:
     abstract, shardings = parallel.abstract_state(task.init, init_rng, mesh, rules)
     state, data_state, start = ckpt.restore(abstract, cfg_dict)
+    if not bool(jax.jit(all_finite)(state)):
+      message = _non_finite_checkpoint(ckpt, abstract, start)
+      ckpt.close()
+      raise Diverged(message)
+    loop_state = ckpt.loop_state(start)
     log.info("resumed from %s at step %d", ckpt.directory, start)
   else:
     state, shardings = parallel.create_sharded(task.init, init_rng, mesh, rules)
@@ -135,10 +200,11 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   batch_sh = parallel.batch_sharding(mesh)
 
   def update(state, batch, rng):
-    return task.update(state, batch, jax.random.fold_in(rng, state["step"]))
+    state, metrics = task.update(state, batch, jax.random.fold_in(rng, state["step"]))
+    return state, metrics, all_finite(state)
 
   update = jax.jit(update, in_shardings=(shardings, batch_sh, None),
-                   out_shardings=(shardings, None), donate_argnums=0)
+                   out_shardings=(shardings, None, None), donate_argnums=0)
   batch = parallel.global_batch(task.prepare_batch(next(it)), mesh)
   t0 = time.time()
   with parallel.activate(mesh, rules):
@@ -174,12 +240,31 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       image_io.save_png(grid, storage.join(workdir, "samples", f"step_{step:07d}.png"))
       writer.add_image("samples", grid, step, dataformats="HWC")
 
-  def check(metrics, step):
+  guard = _DivergenceGuard(config.divergence_factor, loop_state)
+
+  def discard_from(first: int) -> str:
+    """Removes the checkpoints of steps >= `first` (states found bad after they were
+    saved); says where to restart."""
+    gone = [s for s in ckpt.all_steps() if s >= first]
+    for s in gone:
+      ckpt.delete(s)
+    latest = ckpt.latest_step()
+    removed = f"removed the checkpoint of step {gone[0]}, the state that gave it; " if gone else ""
+    if latest is None:
+      return removed + f"no checkpoint in {ckpt.directory} holds a good state: restart from scratch"
+    return removed + f"restart from step {latest}, the latest checkpoint in {ckpt.directory}"
+
+  def check(metrics, finite, step):
+    """Step `step`'s metrics, from the state before it, and whether the state after
+    it is finite; raises Diverged naming the checkpoint to restart from."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not all(math.isfinite(v) for v in m.values()):
-      bad = {k: v for k, v in m.items() if not math.isfinite(v)}
-      raise NonFiniteLoss(f"non-finite metrics {bad} at step {step}; the last checkpoint "
-                          f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact")
+    bad = {k: v for k, v in m.items() if not math.isfinite(v)}
+    problem = f"non-finite metrics {bad}" if bad else guard.check(m.get("loss"))
+    if problem:
+      raise Diverged(f"{problem} at step {step}; {discard_from(step - 1)}")
+    if not bool(finite):
+      raise Diverged(f"the update of step {step} made the state non-finite (NaN or Inf); "
+                     f"{discard_from(step)}")
     return m
 
   step, history, pending, logged = start, [], None, []
@@ -189,11 +274,11 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   try:
     with Preemption() as preemption:
       while step < config.total_steps:
-        state, metrics = compiled(state, batch, step_rng)
+        state, metrics, finite = compiled(state, batch, step_rng)
         step += 1
         if pending is not None:  # check the previous step while this one runs
           history.append(check(*pending))
-        pending = (metrics, step)
+        pending = (metrics, finite, step)
         is_log = step % config.log_every == 0 or step == config.total_steps
         is_ckpt = step % config.ckpt_every == 0
         if is_log or is_ckpt:
@@ -222,7 +307,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
           if pending is not None:
             history.append(check(*pending))
             pending = None
-          ckpt.save(step, state, it.get_state(), cfg_dict)
+          ckpt.save(step, state, it.get_state(), cfg_dict, loop_state=guard.state())
         if stop:
           log.warning("SIGTERM: saved step %d, exiting", step)
           preempted = True
@@ -233,7 +318,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       check(*pending)
     if not preempted:
       if ckpt.latest_step() != step:
-        ckpt.save(step, state, it.get_state(), cfg_dict, force=True)
+        ckpt.save(step, state, it.get_state(), cfg_dict, force=True, loop_state=guard.state())
       if not (config.sample_every and step % config.sample_every == 0):  # not just written
         save_samples(step)
   finally:  # a save in flight holds a good state: let it finish

@@ -26,8 +26,7 @@ from ldm_jax.training.first_stage import FirstStage
 from ldm_jax.training.ldm import LDMTask
 
 log = logging.getLogger("ldm_jax")
-STAGES = ("autoencoder", "ldm")
-STAGE_CONFIG = {"autoencoder": "stage1", "ldm": "stage2"}  # stage -> its config section
+STAGE_CONFIG = config_lib.STAGE_SECTIONS  # stage -> its config section
 # The exit status of a job stopped by SIGTERM after saving (sysexits' EX_TEMPFAIL:
 # "try again later"); launchers rerun the same command to resume.
 EXIT_PREEMPTED = 75
@@ -113,10 +112,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Preempted: SIGTERM; the running stage saved its checkpoint and nothing after
       it started (the command line exits with EXIT_PREEMPTED).
   """
-  config_lib.validate(config)
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {STAGES}")
+  config_lib.validate(config)  # every stage's settings, before any stage starts
   if "ldm" in config.stages:
     latent_cache.check_config(config)
   storage.check_writable(workdir)
