@@ -8,7 +8,6 @@ transformer) or frozen (`frozen['text']`, e.g. CLIP).
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ldm_jax.diffusion import losses, samplers
@@ -177,15 +176,6 @@ class LDMTask:
 
   def prepare_batch(self, host_batch):
     return self.cond.prepare(host_batch)
-
-
-def sample_prompts_batch(task: LDMTask, n: int) -> dict:
-  """The fixed host batch used for the periodic sample grids."""
-  return task.cond.fixed_batch(n)
-
-
-def to_numpy_images(images) -> np.ndarray:
-  return np.asarray(jax.device_get(images), np.float32)
 
 
 PROMPTS = ("a photograph of an astronaut riding a horse",
