@@ -18,7 +18,7 @@ from ldm_jax import data as data_lib
 from ldm_jax.data import make_iterator
 from ldm_jax.training import latent_cache, loop
 from ldm_jax.training.autoencoder import AutoencoderTask, scale_factor as scale_from_moments
-from ldm_jax.training.ldm import LDMTask
+from ldm_jax.training.ldm import LDMTask, check_config as check_ldm_config
 
 log = logging.getLogger("ldm_jax")
 STAGES = ("autoencoder", "ldm")
@@ -108,6 +108,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     raise ValueError(f"config.stages: unknown stage(s) {unknown}; known: {STAGES}")
   if "ldm" in config.stages:
     latent_cache.check_config(config)
+    check_ldm_config(config)  # before stage 1 trains
   checkpoint.check_writable(workdir)
   results = {}
   first = None  # (task, stage config, state, mesh)
