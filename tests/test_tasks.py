@@ -128,6 +128,7 @@ def test_class_cond(tmp_path, class_cond):
   _cli(wd, out, "--label=1", "--label=3")
   metas, _ = _outputs(out, 4)
   assert [m["label"] for m in metas] == [1, 1, 3, 3]
+  assert metas[0]["timestep_spacing"] == "leading"  # the config's 'auto' on this schedule
 
 
 def test_ema_after_two_steps_is_the_warm_up_closed_form(class_cond):
@@ -185,9 +186,9 @@ def test_layout(tmp_path):
   lay = tmp_path / "map.png"
   Image.fromarray(shapes.layout_map(shapes.sample_attrs(0, 0), RES)).save(lay)
   out = str(tmp_path / "s")
-  _cli(wd, out, f"--layout={lay}")
+  _cli(wd, out, f"--layout={lay}", "--timestep-spacing=trailing")
   metas, _ = _outputs(out, 2)
-  assert metas[0]["layout"] == str(lay)
+  assert metas[0]["layout"] == str(lay) and metas[0]["timestep_spacing"] == "trailing"
 
 
 def test_unconditional(tmp_path):
