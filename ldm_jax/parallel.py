@@ -7,7 +7,6 @@ slices for multi-slice jobs). Parameters carry logical axis names
 batch is split over `data` x `fsdp`.
 """
 import contextlib
-import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -189,9 +188,3 @@ def check_batch(global_batch_size: int, mesh: Mesh, grad_accum: int = 1) -> int:
                      f"{jax.process_count()} processes")
   return global_batch_size // jax.process_count()
 
-
-def log_shardings(shardings, prefix: str = "state") -> None:
-  """One line per distinct sharding pattern, for the run log."""
-  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  sharded = sum(1 for _, s in flat if any(a is not None for a in s.spec))
-  logging.info("%s: %d leaves, %d sharded", prefix, len(flat), sharded)

@@ -21,7 +21,11 @@ flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.
 flags.DEFINE_multi_string("negative_prompt", [], "Negative prompt(s): one, or one per prompt.")
 flags.DEFINE_multi_integer("label", [], "Class label(s) for class-conditional models.")
 flags.DEFINE_integer("num", 4, "Images per prompt (or in all, for unconditional models).")
-flags.DEFINE_integer("steps", 50, "Sampler steps.")
+flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's stage2.sample.steps).")
+flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace", "quadratic"],
+                  "The sampler's grid, diffusers' names; 'leading' adds the config's "
+                  "stage2.sample.steps_offset (default: the config's; 'trailing' on a "
+                  "zero-terminal-SNR schedule).")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
 flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi (Lin et al. 2023).")
 flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "plms", "dpmpp_2m"], "Sampler.")
@@ -31,13 +35,15 @@ flags.DEFINE_integer("height", None, "Image height (default: the training resolu
 flags.DEFINE_integer("width", None, "Image width (default: the training resolution).")
 flags.DEFINE_string("init_image", None, "img2img / inpainting source image (PNG/JPEG).")
 flags.DEFINE_float("strength", 0.8, "img2img strength in [0, 1].")
-flags.DEFINE_string("mask", None, "Inpainting mask image: white = repaint, black = keep.")
+flags.DEFINE_string("mask", None, "Inpainting mask image (needs --init_image), Stable Diffusion's "
+                    "convention: white (1) = repaint, black (0) = keep.")
 flags.DEFINE_string("lowres", None, "Super-resolution models: the low-resolution image.")
 flags.DEFINE_string("layout", None, "Layout-to-image models: the semantic / layout map image.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights.")
 flags.DEFINE_string("out", "samples", "Output folder.")
 # Every two-word flag also answers to its hyphenated spelling (--init-image = --init_image).
-for _name in ("prompts_file", "negative_prompt", "guidance_rescale", "init_image"):
+for _name in ("prompts_file", "negative_prompt", "guidance_rescale", "init_image",
+              "timestep_spacing"):
   flags.DEFINE_alias(_name.replace("_", "-"), _name)
 FLAGS = flags.FLAGS
 
@@ -52,7 +58,8 @@ def main(argv):
   req = sampling.Request(
       prompts=sampling.read_prompts(FLAGS.prompt, FLAGS.prompts_file),
       negative=list(FLAGS.negative_prompt), labels=list(FLAGS.label), num=FLAGS.num,
-      steps=FLAGS.steps, guidance=FLAGS.guidance, guidance_rescale=FLAGS.guidance_rescale,
+      steps=FLAGS.steps, timestep_spacing=FLAGS.timestep_spacing, guidance=FLAGS.guidance,
+      guidance_rescale=FLAGS.guidance_rescale,
       sampler=FLAGS.sampler, eta=FLAGS.eta, seed=FLAGS.seed, height=FLAGS.height,
       width=FLAGS.width, init_image=FLAGS.init_image, strength=FLAGS.strength, mask=FLAGS.mask,
       lowres=FLAGS.lowres, layout=FLAGS.layout, ema=FLAGS.ema)

@@ -5,6 +5,7 @@ Everything a request can get wrong is checked before anything is compiled.
 """
 import dataclasses
 import logging
+import math
 import os
 from typing import Optional
 
@@ -25,7 +26,8 @@ class Request:
   negative: list = dataclasses.field(default_factory=list)
   labels: list = dataclasses.field(default_factory=list)
   num: int = 4
-  steps: int = 50
+  steps: Optional[int] = None             # None: the config's stage2.sample.steps
+  timestep_spacing: Optional[str] = None  # None: the config's (see ldm.timestep_spacing)
   guidance: Optional[float] = None
   guidance_rescale: float = 0.0
   sampler: str = "ddim"
@@ -35,7 +37,7 @@ class Request:
   width: Optional[int] = None
   init_image: Optional[str] = None
   strength: float = 0.8
-  mask: Optional[str] = None
+  mask: Optional[str] = None  # white (>= 0.5) = repaint, black = keep
   lowres: Optional[str] = None
   layout: Optional[str] = None
   ema: bool = True
@@ -94,11 +96,19 @@ def _read_image(path: str, hw: tuple, mode: str, what: str) -> np.ndarray:
 def build_batch(task, config, req: Request) -> tuple[dict, list]:
   """The host batch for every image and the list of per-image metadata; raises
   ValueError on requests the model cannot serve."""
+  from ldm_jax.diffusion import samplers
+  from ldm_jax.training.ldm import timestep_spacing
   c2 = config.stage2
   cond = task.cond
   T = task.schedule.T
-  if not 1 <= req.steps <= T:
-    raise ValueError(f"--steps={req.steps} must be in [1, {T}] (the model's training timesteps)")
+  steps = c2.sample.steps if req.steps is None else req.steps
+  if not 1 <= steps <= T:
+    raise ValueError(f"--steps={steps} must be in [1, {T}] (the model's training timesteps)")
+  spacing = req.timestep_spacing or timestep_spacing(c2)
+  if spacing not in samplers.SPACINGS:
+    raise ValueError(f"--timestep_spacing={spacing!r} is not one of {samplers.SPACINGS}")
+  offset = c2.sample.get("steps_offset", 0)
+  samplers.timesteps(T, steps, spacing, offset)  # a grid outside [0, T) fails here
   res = config.data.resolution
   h, w = req.height or res, req.width or res
   unit = task.first.factor * 2 ** (len(c2.unet.channel_mult) - 1)
@@ -124,7 +134,7 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
   else:
     rows = [dict() for _ in range(req.num)]
   n = len(rows)
-  host = {}
+  host = {"index": np.arange(n, dtype=np.int32)}  # the batch's size, for unconditional models
   if cond.context == "text":
     host["caption"] = np.array([r["prompt"] for r in rows], object)
     if req.negative:
@@ -154,7 +164,7 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
     if not req.init_image:
       raise ValueError("--mask needs --init_image")
     m = _read_image(req.mask, (h, w), "L", "--mask")
-    batch["mask"] = np.repeat((m < 0.5).astype(np.float32)[None], n, 0)  # 1 = keep
+    batch["mask"] = np.repeat((m >= 0.5).astype(np.float32)[None], n, 0)  # 1 = repaint
   if cond.concat == "inpaint" and "mask" not in batch:
     raise ValueError("this is an inpainting model: give --init_image and --mask")
   if cond.concat == "lowres":
@@ -165,7 +175,8 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
     up = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC),
                     np.float32) / 127.5 - 1
     batch["image"] = np.repeat(up[None], n, 0)
-  settings = dict(steps=req.steps, guidance=guidance, guidance_rescale=req.guidance_rescale,
+  settings = dict(steps=steps, timestep_spacing=spacing,
+                  steps_offset=offset if spacing == "leading" else 0, guidance=guidance, guidance_rescale=req.guidance_rescale,
                   sampler=req.sampler, eta=req.eta, seed=req.seed, height=h, width=w,
                   init_image=req.init_image, strength=req.strength, mask=req.mask,
                   lowres=req.lowres, layout=req.layout, ema=req.ema)
@@ -189,6 +200,15 @@ def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> 
   return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
 
 
+def grid_columns(n: int, num: int) -> int:
+  """Columns of a near-square grid of n images: one row per prompt (its `num`
+  images) when that is as wide as tall to twice as wide, else ceil(sqrt(n))."""
+  rows = n // num
+  if n % num == 0 and rows <= num <= 2 * rows:
+    return num
+  return math.ceil(math.sqrt(n))
+
+
 def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, devices=None) -> list:
   """Samples `req` from the checkpoint into `out`; returns the written paths (grid last)."""
   check_request(req)
@@ -196,8 +216,9 @@ def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, de
   task, state, mesh, config = load(ckpt_dir, step, devices)
   batch, meta = build_batch(task, config, req)
   n = len(meta)
-  images = generate(task, state, mesh, config, batch, seed=req.seed, steps=req.steps,
-                    guidance=meta[0]["guidance"], sampler=req.sampler, eta=req.eta,
+  images = generate(task, state, mesh, config, batch, seed=req.seed, steps=meta[0]["steps"],
+                    spacing=meta[0]["timestep_spacing"], guidance=meta[0]["guidance"],
+                    sampler=req.sampler, eta=req.eta,
                     use_ema=req.ema, height=meta[0]["height"], width=meta[0]["width"],
                     strength=req.strength, rescale=req.guidance_rescale)
   paths = []
@@ -207,8 +228,7 @@ def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, de
       image_io.save_png(img, base + ".png")
       storage.write_json(base + ".json", dict(m, checkpoint=storage.display(ckpt_dir)), indent=1)
       paths.append(base + ".png")
-    cols = req.num if n > req.num else None
     grid_path = storage.join(out, "grid.png")
-    image_io.save_png(image_io.grid(images, cols=cols), grid_path)
+    image_io.save_png(image_io.grid(images, cols=grid_columns(n, req.num)), grid_path)
     paths.append(grid_path)
   return paths

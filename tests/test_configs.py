@@ -16,7 +16,7 @@ DOCUMENTED = {
     "unconditional": ["size=tiny", "size=base", "data=wds"],
     "class_cond": ["size=tiny", "size=base", "classes=10"],
     "super_resolution": ["size=tiny", "size=base"],
-    "inpainting": ["size=tiny", "size=base", "size=sd2"],
+    "inpainting": ["size=tiny", "size=base", "size=sd2", "text=1"],
     "layout": ["size=tiny", "size=base", "data=wds"],
     "autoencoder_kl": [f"f={f},size={s}" for f in (4, 8, 16, 32) for s in ("tiny", "ref")],
     "autoencoder_vq": [f"f={f},size={s}" for f in (4, 8, 16) for s in ("tiny", "ref")],

@@ -331,13 +331,44 @@ def test_tfds_adapter_on_an_in_memory_source():
   assert next(a)["image"].shape == (5, 16, 16, 3)
 
 
-def test_tfds_builds_from_a_real_dataset(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  del tfds  # the tfds extra is installed: exercise the real data_source path
+def test_tfds_source_through_make_iterator(monkeypatch):
+  """config.data.source='tfds' through `make_iterator`, with an in-memory stand-in for
+  `tensorflow_datasets.data_source` (the package is optional): the config's name,
+  split and data_dir reach it, and every record comes back decoded once an epoch."""
+  import types
+  rng = np.random.default_rng(0)
+  records = [{"image": _png(Image.fromarray(rng.integers(0, 255, (24, 20, 3), np.uint8)))
+              if i % 2 else rng.integers(0, 255, (20, 24, 3), np.uint8),
+              "label": i, "caption": f"record {i}".encode()} for i in range(6)]
+  calls = []
+  fake = types.ModuleType("tensorflow_datasets")
+  fake.data_source = lambda name, split, data_dir: calls.append((name, split, data_dir)) or records
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
   c = cfg(source="tfds")
-  c.tfds.name = "this_dataset_does_not_exist"
-  with pytest.raises(Exception):
-    data.make_iterator(c, batch_size=2)
+  c.tfds.update(name="my_set", split="train[:6]", caption_key="caption", label_key="label")
+  it = data.make_iterator(c, batch_size=3, seed=4)
+  assert calls == [("my_set", "train[:6]", None)]
+  batches = [next(it) for _ in range(2)]
+  labels = np.concatenate([b["label"] for b in batches])
+  assert sorted(labels.tolist()) == list(range(6))
+  for b in batches:
+    assert b["image"].shape == (3, 16, 16, 3) and b["image"].dtype == np.float32
+    assert b["caption"].tolist() == [f"record {i}" for i in b["label"]]
+    for img, i in zip(b["image"], b["label"]):  # the record's pixels, resized and centre-cropped
+      src = records[i]["image"]
+      src = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else Image.fromarray(src)
+      want, _ = decode.resize_crop(src.convert("RGB"), 16, "center", False, None)
+      np.testing.assert_allclose(img, want.astype(np.float32) / 127.5 - 1, atol=1e-6)
+  st = it.get_state()
+  again = data.make_iterator(c, batch_size=3, seed=4)
+  again.set_state(st)
+  np.testing.assert_array_equal(next(again)["label"], next(it)["label"])
+  c.tfds.name = ""
+  with pytest.raises(ValueError, match="tfds.name"):
+    data.make_iterator(c, batch_size=3)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # not installed
+  with pytest.raises(ValueError, match="tfds extra"):
+    data.make_iterator(cfg(source="tfds"), batch_size=3)
 
 
 def test_shapes_captions_round_trip_and_classifier_reads_renders():

@@ -1,9 +1,8 @@
 """Samplers against diffusers' schedulers and against an exactly known denoiser.
 
-Grid mapping to diffusers: our 'uniform' = `timestep_spacing='leading', steps_offset=0`,
-our 'trailing' = `timestep_spacing='trailing'`; our last step goes to a = 1, which is
-DDIMScheduler's `set_alpha_to_one=True` and DPMSolverMultistepScheduler's
-`final_sigmas_type='zero'`.
+Grids are diffusers' `timestep_spacing` options under their names (with
+`steps_offset` for 'leading'); our last step goes to a = 1, which is DDIMScheduler's
+`set_alpha_to_one=True` and DPMSolverMultistepScheduler's `final_sigmas_type='zero'`.
 
 The exact denoiser: for data x0 ~ N(mu, Sigma) the noised marginal is
 N(sqrt(a) mu, C) with C = a Sigma + (1 - a) I, and
@@ -63,7 +62,7 @@ def test_gaussian_data_is_recovered(cosine, sampler, steps, kind, cov_tol):
 def test_plms_gaussian_data_is_recovered(cosine, kind):
   """PLMS mixes eps of several levels, and x0_hat = (z - sqrt(1-a) eps') / sqrt(a) amplifies
   that by 1/sqrt(a): it cannot start at a ~ 2e-9 (t = 999 of the cosine schedule). On the
-  'uniform' grid the top level is t = 980 (a ~ 9e-4), where N(0, I) is not yet the marginal
+  'leading' grid the top level is t = 980 (a ~ 9e-4), where N(0, I) is not yet the marginal
   (mean off by sqrt(a) mu ~ 0.06), so start from the exact marginal N(sqrt(a) mu, C) there."""
   a = float(cosine.alpha_bar(P.timesteps(1000, 50)[-1]))
   chol = np.linalg.cholesky(a * SIGMA + (1 - a) * np.eye(4))
@@ -115,23 +114,22 @@ def test_one_ddim_step_matches_diffusers(kind, theirs, eta):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "trailing"])
+@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0)])
 @pytest.mark.parametrize("kind,theirs", [("eps", "epsilon"), ("v", "v_prediction")])
-def test_ddim_trajectory_matches_diffusers(spacing, kind, theirs):
+def test_ddim_trajectory_matches_diffusers(spacing, offset, kind, theirs):
   torch = pytest.importorskip("torch")
   import diffusers
   ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=True, steps_offset=0,
-                                timestep_spacing={"uniform": "leading"}.get(spacing, spacing),
-                                prediction_type=theirs)
+                                clip_sample=False, set_alpha_to_one=True, steps_offset=offset,
+                                timestep_spacing=spacing, prediction_type=theirs)
   ref.set_timesteps(20)
-  np.testing.assert_array_equal(P.timesteps(1000, 20, spacing)[::-1], ref.timesteps.numpy())
+  np.testing.assert_array_equal(P.timesteps(1000, 20, spacing, offset)[::-1], ref.timesteps.numpy())
   z_T = np.random.default_rng(1).standard_normal((2, 4, 4, 3)).astype(np.float32)
   z = torch.tensor(z_T)
   for t in ref.timesteps:
     z = ref.step(_fake_model(z, torch.full((2,), int(t))), t, z).prev_sample
   got = P.sample(_fake_model, z_T, jax.random.PRNGKey(0), S.make_schedule("linear"), steps=20,
-                 spacing=spacing, prediction_type=kind)
+                 spacing=spacing, steps_offset=offset, prediction_type=kind)
   np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -184,7 +182,7 @@ def test_img2img_and_inpainting(cosine):
   low = jax.jit(lambda r, x: P.sample(model, (8, 4), r, cosine, steps=20, init_latent=x,
                                       strength=0.1))(rng, x)
   assert float(jnp.abs(low - x).mean()) < 0.15
-  mask = jnp.array([1.0, 0.0, 1.0, 0.0])
+  mask = jnp.array([0.0, 1.0, 0.0, 1.0])  # 1 = repaint: the odd columns
   for sampler in P.SAMPLERS:
     out = jax.jit(functools.partial(P.sample, model, (8, 4), schedule=cosine, sampler=sampler,
                                     steps=10, eta=0.5))(rng=rng, mask=mask, known_latent=x)
@@ -195,7 +193,7 @@ def test_img2img_and_inpainting(cosine):
 def test_ddim_inversion_round_trip(cosine):
   model = exact_model(cosine, "eps")
   x = MU + np.random.default_rng(4).standard_normal((256, 4)).astype(np.float32) @ _A.T
-  kw = dict(steps=100, spacing="uniform")
+  kw = dict(steps=100, spacing="leading")
   z_T = P.ddim_invert(model, x, cosine, **kw)
   assert float(jnp.abs(z_T - x).mean()) > 0.5                  # it did move to noise
   back = P.sample(model, z_T, jax.random.PRNGKey(0), cosine, **kw)
@@ -223,13 +221,51 @@ def test_loop_traces_model_once(cosine, sampler):
 
 
 def test_timesteps_and_errors():
-  np.testing.assert_array_equal(P.timesteps(1000, 4, "uniform"), [0, 250, 500, 750])
+  np.testing.assert_array_equal(P.timesteps(1000, 4, "leading"), [0, 250, 500, 750])
+  np.testing.assert_array_equal(P.timesteps(1000, 4, "leading", 1), [1, 251, 501, 751])
   np.testing.assert_array_equal(P.timesteps(1000, 4, "trailing"), [249, 499, 749, 999])
+  np.testing.assert_array_equal(P.timesteps(1000, 4, "linspace"), [0, 333, 666, 999])
   q = P.timesteps(1000, 10, "quadratic")
   assert q[0] == 0 and q[-1] in (799, 800) and np.all(np.diff(q) > 0)
   with pytest.raises(ValueError, match="steps"):
     P.timesteps(1000, 0)
   with pytest.raises(ValueError, match="spacing"):
-    P.timesteps(1000, 10, "leading")
+    P.timesteps(1000, 10, "uniform")
+  with pytest.raises(ValueError, match="steps_offset"):
+    P.timesteps(1000, 1000, "leading", 1)  # the top would be t = 1000
   with pytest.raises(ValueError, match="sampler"):
     P.sample(lambda z, t: z, (1, 4), jax.random.PRNGKey(0), S.make_schedule(), sampler="euler")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_grids_are_diffusers_set_timesteps(spacing):
+  """Every spacing against DDIMScheduler.set_timesteps, over step counts that do and
+  do not divide T; 'trailing' always starts at T - 1 (SNR 0 after the rescale)."""
+  diffusers = pytest.importorskip("diffusers")
+  for offset in ((0, 1) if spacing == "leading" else (0,)):
+    ref = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing,
+                                  steps_offset=offset)
+    for steps in (1, 3, 7, 20, 50, 333, 999):
+      ref.set_timesteps(steps)
+      ours = P.timesteps(1000, steps, spacing, offset)
+      np.testing.assert_array_equal(ours[::-1], ref.timesteps.numpy(),
+                                    err_msg=f"{spacing} offset {offset} steps {steps}")
+      if spacing == "trailing":
+        assert ours[-1] == 999
+
+
+@pytest.mark.parametrize("sampler,steps,cov_tol", [
+    ("ddim", 50, 0.08), ("ddpm", 100, 0.08), ("plms", 50, 0.08), ("dpmpp_2m", 25, 0.05)])
+def test_zero_terminal_snr_trailing_starts_from_pure_noise(sampler, steps, cov_tol):
+  """A zero-terminal-SNR schedule with 'trailing' spacing: every sampler's first step
+  is at t = T - 1, where a = 0 and N(0, I) is exactly the marginal; a v model takes
+  them to N(mu, Sigma). 'leading' would start at t = 980, where the marginal is not N(0, I)."""
+  ztsnr = S.make_schedule("linear", zero_terminal_snr=True)
+  assert float(ztsnr.alphas_cumprod[-1]) == 0.0
+  run = jax.jit(functools.partial(P.sample, exact_model(ztsnr, "v"), (N, 4), schedule=ztsnr,
+                                  sampler=sampler, steps=steps, spacing="trailing",
+                                  prediction_type="v"))
+  z0 = np.asarray(run(rng=jax.random.PRNGKey(0)), np.float64)
+  assert np.isfinite(z0).all()
+  np.testing.assert_allclose(z0.mean(0), MU, atol=0.04)
+  np.testing.assert_allclose(np.cov(z0.T), SIGMA, atol=cov_tol)

@@ -6,9 +6,10 @@ it runs inside one `jax.jit` and traces `model_fn` once whatever the step count.
 Notation as in `schedule.py`: a_t = alphas_cumprod[t], and t = -1 is the clean level
 a = 1. A grid t_0 > t_1 > ... > t_{n-1} (from `timesteps`, reversed) is walked
 t_i -> t_{i+1}, the last step going from t_{n-1} to a = 1. The reference (CompVis
-DDIM) instead shifts its grid by +1 and ends at alphas_cumprod[0]; ending at a = 1 is
-diffusers' `set_alpha_to_one=True` (`final_alpha_cumprod = 1`), and our 'uniform'
-grid is diffusers' `timestep_spacing='leading', steps_offset=0`.
+DDIM) instead ends at alphas_cumprod[0]; ending at a = 1 is diffusers'
+`set_alpha_to_one=True` (`final_alpha_cumprod = 1`). The grids are diffusers'
+`timestep_spacing` options under their names (Lin et al. 2023, Table 2); the
+reference's own grid is 'leading' with `steps_offset=1`.
 
 model_fn(z_t, t) -> raw output of `prediction_type` ('eps' | 'v' | 'x0'), t an int32
 (B,) array. Guidance is a model_fn too (`cfg_model_fn`).
@@ -21,33 +22,42 @@ import numpy as np
 
 from ldm_jax.diffusion.schedule import Schedule, x0_eps_from_output
 
-SPACINGS = ("uniform", "quadratic", "trailing")
+SPACINGS = ("leading", "trailing", "linspace", "quadratic")
 
 
-def timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
-  """An ascending grid of distinct timesteps in [0, T).
+def timesteps(T: int, steps: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
+  """An ascending grid of distinct timesteps in [0, T) (diffusers' `set_timesteps`).
 
   Args:
     T: training timesteps.
     steps: number of sampling steps, 1 <= steps <= T.
-    spacing: 'uniform' (leading: k * (T // steps), starts at 0), 'quadratic'
-      (CompVis: floor(linspace(0, sqrt(0.8 T), steps)^2), duplicates removed so it
-      may have fewer than `steps` points) or 'trailing' (round(T - k T/steps) - 1,
-      contains T - 1; Lin et al. 2023 Table 2).
+    spacing: 'leading' (k * (T // steps) + steps_offset: starts near 0, never reaches
+      T - 1), 'trailing' (round(T - k T / steps) - 1: contains T - 1, where a
+      zero-terminal-SNR schedule has SNR 0, so sampling starts from pure noise),
+      'linspace' (round(linspace(0, T - 1, steps)): both ends) or 'quadratic'
+      (CompVis `ddim_discretize='quad'`: floor(linspace(0, sqrt(0.8 T), steps)^2),
+      duplicates removed so it may have fewer than `steps` points).
+    steps_offset: added to the 'leading' grid (Stable Diffusion's scheduler: 1);
+      the other spacings ignore it, as diffusers does.
 
   Returns:
     int32 numpy array, ascending.
   """
   if not 1 <= steps <= T:
     raise ValueError(f"steps must be in [1, T={T}], got {steps}")
-  if spacing == "uniform":
-    ts = np.arange(steps) * (T // steps)
-  elif spacing == "quadratic":
-    ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))
+  if spacing == "leading":
+    ts = np.arange(steps) * (T // steps) + steps_offset
   elif spacing == "trailing":
     ts = (np.round(T - np.arange(steps) * T / steps) - 1)[::-1]
+  elif spacing == "linspace":
+    ts = np.round(np.linspace(0, T - 1, steps))
+  elif spacing == "quadratic":
+    ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))
   else:
-    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    raise ValueError(f"timestep spacing must be one of {SPACINGS}, got {spacing!r}")
+  if ts[0] < 0 or ts[-1] >= T:
+    raise ValueError(f"steps_offset={steps_offset} puts the {spacing} grid of {steps} steps "
+                     f"outside [0, T={T})")
   return ts.astype(np.int32)
 
 
@@ -156,6 +166,11 @@ def plms(model_fn, z, ts_desc, rng, schedule: Schedule, *, prediction_type="eps"
   Adams-Bashforth weights of order 2, 3, 4; every combined eps drives a DDIM (eta 0)
   step. That is n + 1 model calls for n steps; the scan makes exactly one per
   iteration, the warm-up's second call reading the tentative z~_1. `eta` is ignored.
+
+  From a = 0 (the top of a zero-terminal-SNR schedule on a 'trailing' grid) eps
+  says nothing about x0, so a step driven by a combined eps is undefined there
+  (so is diffusers' PNDM's): the first step is then the DDIM step with the model's
+  own x0 (a 'v' or 'x0' model's), without the warm-up's correction.
   """
   del eta
   n = len(ts_desc)
@@ -170,10 +185,13 @@ def plms(model_fn, z, ts_desc, rng, schedule: Schedule, *, prediction_type="eps"
     z, z_tent, hist = carry
     j, c, t, t_prev, t_eval = xs
     z_in = jnp.where(j == 1, z_tent, z)
-    _, e = x0_eps_from_output(prediction_type, _call(model_fn, z_in, t_eval), z_in,
-                              schedule.alpha_bar(t_eval))
+    x0, e = x0_eps_from_output(prediction_type, _call(model_fn, z_in, t_eval), z_in,
+                               schedule.alpha_bar(t_eval))
     e_prime = c[0] * e + jnp.einsum("k,k...->...", c[1:], hist)
-    z_new, _ = ddim_step(e_prime, z, schedule.alpha_bar(t), schedule.alpha_bar(t_prev))
+    a_t, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    z_new, _ = ddim_step(e_prime, z, a_t, a_prev)
+    from_pure_noise = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * e  # read at j = 0 only
+    z_new = jnp.where(a_t > 0, z_new, jnp.where(j == 0, from_pure_noise, z_tent))
     z_new = project(z_new, t_prev, jax.random.fold_in(rng, j))
     hist = jnp.where(j == 1, hist, jnp.concatenate([e[None], hist[:-1]]))
     return (jnp.where(j == 0, z, z_new), z_new, hist), None
@@ -227,8 +245,8 @@ def dpmpp_2m(model_fn, z, ts_desc, rng, schedule: Schedule, *, prediction_type="
 SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "plms": plms, "dpmpp_2m": dpmpp_2m}
 
 
-def ddim_invert(model_fn, z0, schedule: Schedule, *, steps: int = 50, spacing: str = "uniform",
-                prediction_type: str = "eps"):
+def ddim_invert(model_fn, z0, schedule: Schedule, *, steps: int = 50, spacing: str = "leading",
+                steps_offset: int = 0, prediction_type: str = "eps"):
   """Deterministic DDIM inversion: runs the eta = 0 update forward in time, z0 -> z_{t_{n-1}}.
 
   The step s -> t (s < t, s = -1 the clean level) is the DDIM update with the roles of
@@ -239,9 +257,9 @@ def ddim_invert(model_fn, z0, schedule: Schedule, *, steps: int = 50, spacing: s
 
   Returns:
     The latent at the top of the grid, for `sample(..., shape_or_init=that,
-    steps=steps, spacing=spacing)` with the DDIM sampler.
+    steps=steps, spacing=spacing, steps_offset=steps_offset)` with the DDIM sampler.
   """
-  ts = timesteps(schedule.T, steps, spacing)
+  ts = timesteps(schedule.T, steps, spacing, steps_offset)
   t_to = jnp.asarray(ts)
   t_from = jnp.concatenate([jnp.full((1,), -1, jnp.int32), t_to[:-1]])
   t_eval = t_from.at[0].set(t_to[0])
@@ -287,16 +305,16 @@ def cfg_model_fn(apply: Callable, cond, uncond, scale: float, rescale: float = 0
 
 
 def _inpaint_project(schedule: Schedule, mask, known_latent):
-  """Replaces the known region (mask == 1) by known_latent noised to level t_prev;
+  """Replaces the known region (mask == 0) by known_latent noised to level t_prev;
   at t_prev = -1 (a = 1) that is known_latent exactly."""
   def project(z, t_prev, key):
     noised = schedule.q_sample(known_latent, t_prev, jax.random.normal(key, z.shape, z.dtype))
-    return mask * noised + (1 - mask) * z
+    return mask * z + (1 - mask) * noised
   return project
 
 
 def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
+           steps: int = 50, eta: float = 0.0, spacing: str = "leading", steps_offset: int = 0,
            prediction_type: str = "eps", init_latent=None, strength: float = 1.0,
            mask=None, known_latent=None):
   """Samples latents z0 with one of `SAMPLERS`; jit-able (everything but the arrays static).
@@ -307,15 +325,16 @@ def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sample
     rng: PRNG key.
     schedule: the training noise schedule.
     sampler: 'ddim' | 'ddpm' | 'plms' | 'dpmpp_2m'.
-    steps, spacing: the grid, see `timesteps`.
+    steps, spacing, steps_offset: the grid, see `timesteps`.
     eta: DDIM noise scale (other samplers ignore it).
     prediction_type: 'eps' | 'v' | 'x0'.
     init_latent: img2img: the encoded image z0. The noise is added up to the grid
       timestep at about strength * T and only the remaining int(strength * n) steps of
       the grid run (diffusers' convention); strength 0 returns init_latent.
     strength: in [0, 1], used with init_latent.
-    mask: inpainting, broadcastable to the latent, 1 = keep `known_latent`.
-    known_latent: the latent whose masked region is kept (defaults to init_latent).
+    mask: inpainting, broadcastable to the latent: 1 = repaint, 0 = keep
+      `known_latent` (Stable Diffusion's convention).
+    known_latent: the latent whose unmasked region is kept (defaults to init_latent).
 
   Returns:
     The sampled latent z0.
@@ -324,7 +343,7 @@ def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sample
     raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f"strength must be in [0, 1], got {strength}")
-  ts = timesteps(schedule.T, steps, spacing)[::-1]
+  ts = timesteps(schedule.T, steps, spacing, steps_offset)[::-1]
   if init_latent is not None:
     n_run = min(int(strength * len(ts)), len(ts))
     if n_run == 0:

@@ -270,7 +270,10 @@ class VectorQuantizer(nn.Module):
 
   With `ema_decay > 0` the codebook is not a parameter but lives in the
   `vq_ema` collection (with the running cluster sizes and sums) and is updated
-  by `ema_codebook_update`; the loss then keeps only the commitment term.
+  by `ema_codebook_update`; the loss then keeps only the commitment term. The
+  running sums start consistent with the codebook (each code counted once at its
+  own place), so a code no batch has chosen yet keeps its place instead of being
+  divided by a count of ~0.
   """
   n_embed: int
   embed_dim: int
@@ -286,8 +289,8 @@ class VectorQuantizer(nn.Module):
           "vq_ema", "embedding",
           lambda: jax.random.uniform(self.make_rng("params"), (self.n_embed, self.embed_dim),
                                      minval=-1.0 / self.n_embed, maxval=1.0 / self.n_embed)).value
-      self.variable("vq_ema", "cluster_size", lambda: jnp.zeros((self.n_embed,)))
-      self.variable("vq_ema", "embed_sum", lambda: codebook)
+      self.variable("vq_ema", "cluster_size", lambda: jnp.ones((self.n_embed,)))
+      self.variable("vq_ema", "embed_sum", lambda: codebook)  # = codebook * cluster_size
     else:
       shifted = lambda k, s, d=jnp.float32: init(k, s, d) - 1.0 / self.n_embed
       emb = layers.Embed(self.n_embed, self.embed_dim, init=shifted, name="embedding")
@@ -336,6 +339,39 @@ def ema_codebook_update(vq_ema: dict, code_freq, code_mean_sum, num_vectors: int
   n = cs.sum()
   cs_smooth = (cs + eps) / (n + cs.shape[0] * eps) * n
   return dict(cluster_size=cs, embed_sum=es, embedding=es / cs_smooth[:, None])
+
+
+def restart_dead_codes(vq_ema: dict, code_freq, code_mean_sum, threshold: float, rng,
+                       noise: float = 0.01) -> tuple:
+  """Re-seeds the codes whose EMA count fell below `threshold` (dead-code restarts,
+  as Jukebox and Improved VQGAN) from this batch's encodings.
+
+  A dead code moves to the centroid of a used code, drawn in proportion to its use,
+  plus a little noise (`noise` times the centroid's rms): the busiest clusters split,
+  and the code competes again. Centroids are means over positions, so the restart is
+  the same under gradient accumulation and on any mesh. A restarted code counts
+  `threshold` vectors at its new place, keeping the running sums consistent.
+
+  Args:
+    vq_ema: the quantizer's collection after `ema_codebook_update`.
+    code_freq, code_mean_sum: the quantizer's info entries for this batch.
+    threshold: EMA count (vectors per batch) below which a code is dead.
+    rng: PRNG key.
+    noise: relative scale of the noise added to the copied centroid.
+  Returns:
+    (updated collection, number of restarted codes).
+  """
+  dead = vq_ema["cluster_size"] < threshold
+  r_src, r_noise = jax.random.split(rng)
+  k, d = code_mean_sum.shape
+  src = jax.random.categorical(r_src, jnp.log(code_freq + 1e-30), shape=(k,))
+  centroid = (code_mean_sum / jnp.maximum(code_freq, 1e-30)[:, None])[src]
+  rms = jnp.sqrt(jnp.mean(jnp.square(centroid), axis=1, keepdims=True))
+  fresh = centroid + noise * rms * jax.random.normal(r_noise, (k, d))
+  emb = jnp.where(dead[:, None], fresh, vq_ema["embedding"])
+  cs = jnp.where(dead, threshold, vq_ema["cluster_size"])
+  es = jnp.where(dead[:, None], fresh * threshold, vq_ema["embed_sum"])
+  return dict(cluster_size=cs, embed_sum=es, embedding=emb), jnp.sum(dead)
 
 
 class VQModel(nn.Module):

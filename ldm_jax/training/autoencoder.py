@@ -42,6 +42,9 @@ def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collec
     c.model.beta = 0.25              # commitment weight beta
     c.model.l2_normalize = False     # cosine-similarity codebook lookups
     c.model.ema_decay = 0.0          # > 0: EMA codebook updates instead of the codebook loss term
+    # EMA codebook: a code whose running count (vectors a batch) falls below this is
+    # re-seeded from the batch's encodings (dead-code restarts); 0 = never.
+    c.dead_code_threshold = 0.0
   # KL: decode a posterior sample in training (mode otherwise). tiny decodes the mode:
   # in a few thousand steps the posterior variance is still large and its noise
   # drowns the small shapes; the KL term still regularises the mean.
@@ -117,6 +120,10 @@ class AutoencoderTask(Task):
     self.model = cls(**kw, deterministic=not c.model.dropout)
     self.eval_model = cls(**kw, deterministic=True)
     self.ema = c.kind == "vq" and c.model.get("ema_decay", 0.0) > 0
+    self.restart = float(c.get("dead_code_threshold", 0.0))
+    if self.restart < 0 or (self.restart > 0 and not self.ema):
+      raise ValueError(f"stage1.dead_code_threshold={self.restart}: must be >= 0, and > 0 needs "
+                       "the EMA codebook (stage1.kind='vq', stage1.model.ema_decay > 0)")
     self.disc = NLayerDiscriminator(c.loss.disc_ch, c.loss.disc_layers, c.loss.disc_norm, dtype=dtype)
     total = int(config.get("total_steps", 1))
     self.tx = _tx(c.lr, c, total)
@@ -235,8 +242,12 @@ class AutoencoderTask(Task):
       freq, msum = aux.pop("code_freq"), aux.pop("code_mean_sum")
       b, h, w = batch["image"].shape[:3]
       n = b * (h // self.c.f) * (w // self.c.f)
-      params = dict(params, vq_ema={"quantize": ae.ema_codebook_update(
-          state["params"]["vq_ema"]["quantize"], freq, msum, n, self.c.model.ema_decay)})
+      vq_ema = ae.ema_codebook_update(state["params"]["vq_ema"]["quantize"], freq, msum, n,
+                                      self.c.model.ema_decay)
+      if self.restart:
+        r_restart = jax.random.fold_in(rng, self.grad_accum)  # micro-batch i takes i < grad_accum
+        vq_ema, aux["restarts"] = ae.restart_dead_codes(vq_ema, freq, msum, self.restart, r_restart)
+      params = dict(params, vq_ema={"quantize": vq_ema})
     state = dict(state, step=step + 1, params=params, disc_params=disc_params, opt=opt,
                  disc_opt=disc_opt)
     return state, aux

@@ -95,9 +95,3 @@ def last_layer_grad(loss_of_x_hat: Callable, last_layer: Callable, feats, kernel
 def adopt_weight(weight, step, threshold: int):
   """`weight` from step `threshold` on, 0 before (disc_start gating)."""
   return jnp.where(step >= threshold, weight, 0.0)
-
-
-def vq_codebook_loss(z_e, z_q, beta: float = 0.25):
-  """||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2 (means over elements)."""
-  sg = jax.lax.stop_gradient
-  return jnp.mean(jnp.square(sg(z_e) - z_q)) + beta * jnp.mean(jnp.square(z_e - sg(z_q)))

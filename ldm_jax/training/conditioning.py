@@ -7,7 +7,10 @@ for classifier-free guidance, and how it enters the UNet.
              embedding ('adm'); index `classes` is the null class for guidance;
   concat  -- 'none', 'lowres' (super-resolution: the low-res image at latent size),
              'inpaint' (mask + latent of the masked image) or 'layout' (a semantic
-             map at latent size); these channels are concatenated to z_t.
+             map at latent size); these channels are concatenated to z_t. Inpainting
+             follows Stable Diffusion's (diffusers' 9-channel UNet input): z_t, then
+             the mask (1 = the region to repaint), then the latent of the image with
+             that region blanked.
   pooled  -- text only: tau(y) averaged over its tokens is also embedded and added
              to the time embedding (the UNet's 'continuous' adm input), as SDXL adds
              its pooled text embedding and Imagen its pooled text: every ResBlock,
@@ -81,7 +84,7 @@ def _resize(x, hw):
 
 
 def random_masks(rng, n: int, hw: tuple) -> jax.Array:
-  """Inpainting masks (1 = keep): random boxes covering 1/4 to 3/4 of each side."""
+  """Inpainting masks (1 = repaint): random boxes covering 1/4 to 3/4 of each side."""
   r1, r2 = jax.random.split(rng)
   h, w = hw
   size = jax.random.uniform(r1, (n, 2), minval=0.25, maxval=0.75) * jnp.array([h, w])
@@ -89,7 +92,7 @@ def random_masks(rng, n: int, hw: tuple) -> jax.Array:
   yy, xx = jnp.arange(h)[None, :, None], jnp.arange(w)[None, None, :]
   inside = ((yy >= corner[:, 0, None, None]) & (yy < corner[:, 0, None, None] + size[:, 0, None, None]) &
             (xx >= corner[:, 1, None, None]) & (xx < corner[:, 1, None, None] + size[:, 1, None, None]))
-  return (~inside).astype(jnp.float32)[..., None]
+  return inside.astype(jnp.float32)[..., None]
 
 
 def pool(context: jax.Array) -> jax.Array:
@@ -186,6 +189,8 @@ class Conditioner:
     for key in ("image", "latent", "latent_std"):
       if key in host_batch:
         out[key] = np.asarray(host_batch[key], np.float32)
+    if "index" in host_batch:  # sample batches: row numbers, which give an unconditional batch its size
+      out["index"] = np.asarray(host_batch["index"], np.int32)
     if self.context == "text":
       out["tokens"] = self.tokenizer(list(host_batch["caption"]))
     if self.classes:
@@ -201,7 +206,7 @@ class Conditioner:
   def fixed_batch(self, n: int, data_batch: Optional[dict] = None) -> dict:
     """The batch the periodic sample grids use: fixed prompts / labels, and the
     first data batch's images for concat conditioning."""
-    b = {}
+    b = {"index": np.arange(n, dtype=np.int32)}  # the batch's size, for unconditional models
     if self.context == "text":
       b["caption"] = np.array([self.prompts[i % len(self.prompts)] for i in range(n)], object)
     if self.classes:
@@ -252,12 +257,12 @@ class Conditioner:
       return _resize(low, hw)
     if self.concat == "layout":
       return _resize(batch["layout"], hw)
-    # inpaint: mask (1 = keep) and the latent of the image with the hole blanked
+    # inpaint: mask (1 = repaint) and the latent of the image with the hole blanked
     mask = batch.get("mask")
     if mask is None:
       key = rng if rng is not None else jax.random.key(0)
       mask = random_masks(jax.random.fold_in(key, 7), x.shape[0], x.shape[1:3])
-    z_masked = scale_factor * self.first.encode(frozen_first, x * mask, None)
+    z_masked = scale_factor * self.first.encode(frozen_first, x * (1 - mask), None)
     return jnp.concatenate([_resize(mask, hw), z_masked], -1)
 
   def null(self, trainable, frozen, cond, negative=None):

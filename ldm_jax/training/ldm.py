@@ -8,7 +8,6 @@ transformer) or frozen (`frozen['text']`, e.g. CLIP).
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ldm_jax.diffusion import losses, samplers
@@ -35,10 +34,37 @@ def make_optimizer(c, total_steps: int) -> optax.GradientTransformation:
                      optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
 
 
+def timestep_spacing(c) -> str:
+  """The sampling grid of `config.stage2`: `sample.timestep_spacing`, where 'auto' is
+  'trailing' on a zero-terminal-SNR schedule (its first step must be t = T - 1, the
+  one level where z_t is pure noise) and 'leading' (Stable Diffusion's) otherwise."""
+  spacing = c.sample.get("timestep_spacing", "auto")
+  if spacing == "auto":
+    return "trailing" if c.schedule.zero_terminal_snr else "leading"
+  return spacing
+
+
+def check_config(config) -> None:
+  """Stage-2 checks that need no devices; raises ValueError naming the fields."""
+  c = config.stage2
+  if c.schedule.zero_terminal_snr and c.prediction_type == "eps":
+    raise ValueError("config.stage2.prediction_type='eps' with config.stage2.schedule."
+                     "zero_terminal_snr=True: at t = T - 1 the SNR is 0, z_t is the noise itself "
+                     "and eps carries nothing about z0; use prediction_type 'v' (or 'x0')")
+  spacing = c.sample.get("timestep_spacing", "auto")
+  if spacing != "auto" and spacing not in samplers.SPACINGS:
+    raise ValueError(f"config.stage2.sample.timestep_spacing={spacing!r} is not 'auto' or one "
+                     f"of {samplers.SPACINGS}")
+  if c.timestep_sampling not in losses.TIMESTEP_SAMPLINGS:
+    raise ValueError(f"config.stage2.timestep_sampling={c.timestep_sampling!r} is not one of "
+                     f"{losses.TIMESTEP_SAMPLINGS}")
+
+
 class LDMTask(Task):
   """eps_theta(z_t, t, tau(y)) on the latents of a frozen first stage."""
 
   def __init__(self, config):
+    check_config(config)
     self.config = config
     c = config.stage2
     self.c = c
@@ -54,9 +80,6 @@ class LDMTask(Task):
       raise ValueError(f"config.data.resolution={res} is not divisible by the first stage's "
                        f"downsampling factor f={self.first.factor}")
     self.latent_hw = res // self.first.factor
-    if c.timestep_sampling not in losses.TIMESTEP_SAMPLINGS:
-      raise ValueError(f"config.stage2.timestep_sampling={c.timestep_sampling!r} is not one of "
-                       f"{losses.TIMESTEP_SAMPLINGS}")
 
   # -- state ---------------------------------------------------------------
   def init(self, rng):
@@ -131,16 +154,20 @@ class LDMTask(Task):
 
   # -- sampling ------------------------------------------------------------
   def sample(self, state, batch, rng, *, steps=None, guidance=None, sampler=None, eta=0.0,
-             use_ema=True, height=None, width=None, strength=1.0, rescale=0.0):
+             use_ema=True, height=None, width=None, strength=1.0, rescale=0.0, spacing=None):
     """Images in [-1, 1] for `batch` with classifier-free guidance.
 
     `batch` holds the condition (tokens / label / image for concat models), and
     optionally `negative` (tokens of negative prompts), `init_image` (img2img from
-    `strength`) and `mask` (pixel mask, 1 = keep: inpainting with any model; with an
-    inpainting-concat UNet it is also the model's mask input).
+    `strength`) and `mask` (pixel mask, 1 = repaint, 0 = keep, as Stable Diffusion's:
+    inpainting from pure noise with any model, the kept region pasted in at every
+    step; an inpainting-concat UNet also reads it as its mask input). `spacing`
+    defaults to `timestep_spacing(config.stage2)`; 'leading' adds
+    `sample.steps_offset`.
     """
     s = self.c.sample
     steps = steps or s.steps
+    spacing = spacing or timestep_spacing(self.c)
     guidance = s.guidance if guidance is None else guidance
     params = state["ema"] if use_ema else state["params"]
     frozen, scale = state["frozen"], state["scale_factor"]
@@ -160,32 +187,25 @@ class LDMTask(Task):
       model_fn = samplers.cfg_model_fn(apply, cond, uncond, guidance, rescale)
     else:
       model_fn = lambda z_t, t: apply(z_t, t, cond)
-    init_latent = mask = None
+    init_latent = mask = known = None
     if "init_image" in batch:
       init_latent = scale * self.first.encode(frozen["first_stage"], batch["init_image"], None)
-    if "mask" in batch and self.cond.concat != "inpaint":
+    if "mask" in batch:  # inpainting: from pure noise, whatever `strength`
       if init_latent is None:
         raise ValueError("inpainting needs an init image")
-      m = batch["mask"]
-      mask = jax.image.resize(m, (n, shape[1], shape[2], 1), "linear", antialias=True)
-      mask = (mask > 0.5).astype(jnp.float32)  # keep only latents wholly inside the known region
+      known, init_latent = init_latent, None
+      if self.cond.concat != "inpaint":  # the UNet cannot see the mask: paste the kept region
+        m = jax.image.resize(batch["mask"], (n, shape[1], shape[2], 1), "linear", antialias=True)
+        mask = (m >= 0.5).astype(jnp.float32)  # repaint a latent pixel mostly in the hole
     z0 = samplers.sample(model_fn, shape, rng, self.schedule, sampler=sampler or s.sampler,
-                         steps=steps, eta=eta, prediction_type=self.c.prediction_type,
-                         init_latent=init_latent, strength=strength if mask is None else 1.0,
-                         mask=mask)
+                         steps=steps, eta=eta, spacing=spacing,
+                         steps_offset=s.get("steps_offset", 0),
+                         prediction_type=self.c.prediction_type, init_latent=init_latent,
+                         strength=strength, mask=mask, known_latent=known)
     return self.first.decode(frozen["first_stage"], z0 / scale)
 
   def prepare_batch(self, host_batch):
     return self.cond.prepare(host_batch)
-
-
-def sample_prompts_batch(task: LDMTask, n: int) -> dict:
-  """The fixed host batch used for the periodic sample grids."""
-  return task.cond.fixed_batch(n)
-
-
-def to_numpy_images(images) -> np.ndarray:
-  return np.asarray(jax.device_get(images), np.float32)
 
 
 PROMPTS = ("a photograph of an astronaut riding a horse",
@@ -210,7 +230,7 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
       pooled=False))          # text: also add mean-pooled tau(y) to the time embedding (SDXL-like)
   c.schedule = ml_collections.ConfigDict(dict(
       kind="linear", T=1000, linear_start=0.00085, linear_end=0.012,  # SD's scaled-linear
-      zero_terminal_snr=False))
+      zero_terminal_snr=False))   # rescaled to SNR 0 at T - 1 (Lin et al. 2023): needs v or x0
   c.prediction_type = "eps"   # eps | v | x0
   c.weighting = "simple"      # simple | min_snr
   c.min_snr_gamma = 5.0       # min_snr: the cap gamma of the SNR weight
@@ -232,5 +252,9 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   # latents (training/latent_cache.py): each step skips the frozen encoder.
   c.latent_cache = False
   c.sample = ml_collections.ConfigDict(dict(
-      steps=50, guidance=5.0, sampler="ddim", prompts=PROMPTS))
+      steps=50, guidance=5.0, sampler="ddim", prompts=PROMPTS,
+      # diffusers' names: 'leading' | 'trailing' | 'linspace' (| CompVis 'quadratic');
+      # 'auto' = 'trailing' on a zero-terminal-SNR schedule, else 'leading'
+      timestep_spacing="auto",
+      steps_offset=1 if size in ("sd15", "sd2") else 0))  # added to 'leading' (SD's scheduler: 1)
   return c

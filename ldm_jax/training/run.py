@@ -23,7 +23,7 @@ from ldm_jax.data import make_iterator
 from ldm_jax.training import latent_cache, loop
 from ldm_jax.training.autoencoder import AutoencoderTask
 from ldm_jax.training.first_stage import FirstStage
-from ldm_jax.training.ldm import LDMTask
+from ldm_jax.training.ldm import LDMTask, check_config as check_ldm_config
 
 log = logging.getLogger("ldm_jax")
 STAGE_CONFIG = config_lib.STAGE_SECTIONS  # stage -> its config section
@@ -115,6 +115,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config_lib.validate(config)  # every stage's settings, before any stage starts
   if "ldm" in config.stages:
     latent_cache.check_config(config)
+    check_ldm_config(config)  # before stage 1 trains
   storage.check_writable(workdir)
   results = {}
   with loop.Preemption() as preemption:  # one flag for all stages

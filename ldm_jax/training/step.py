@@ -97,16 +97,20 @@ def lr_schedule(peak: float, *, warmup_steps: int, total_steps: int, decay: str,
 def accumulate_gradients(loss_fn: Callable, params, batch: dict, rng, num_micro: int):
   """Mean loss, aux and gradients of `loss_fn` over `num_micro` micro-batches.
 
-  The micro-batches are a `lax.scan` over slices of the leading (batch) axis,
-  so activation memory is that of one micro-batch while the result equals the
-  full-batch gradient of a mean loss.
+  The micro-batches are a `lax.scan` over strided slices of the leading (batch)
+  axis, so activation memory is that of one micro-batch while the result equals
+  the full-batch gradient of a mean loss. Micro-batch i holds rows i, i + m,
+  i + 2m, ... (m = num_micro): a batch sharded over devices in contiguous blocks
+  then gives every device its own rows of every micro-batch, and no data moves
+  (contiguous micro-batches would each live on a few devices and be gathered).
 
   Args:
     loss_fn: (params, batch, rng) -> (loss, aux) with aux a dict of scalars.
     params: the differentiated parameters.
     batch: dict of arrays with a common leading batch axis.
     rng: a PRNG key; micro-batch i uses fold_in(rng, i).
-    num_micro: number of micro-batches; must divide the batch.
+    num_micro: number of micro-batches; must divide the batch (and, for the
+      split to stay local, each device's rows).
 
   Returns:
     (loss, aux, grads), each the mean over micro-batches.
@@ -119,7 +123,7 @@ def accumulate_gradients(loss_fn: Callable, params, batch: dict, rng, num_micro:
   def split(x):
     if x.shape[0] % num_micro:
       raise ValueError(f"grad_accum={num_micro} does not divide the batch of {x.shape[0]}")
-    return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 0, 1)
 
   micro = jax.tree.map(split, batch)
 
