@@ -115,23 +115,27 @@ def test_one_ddim_step_matches_diffusers(kind, theirs, eta):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "trailing"])
+# (spacing, steps_offset, set_alpha_to_one); the second is Stable Diffusion's schedulers' grid.
+@pytest.mark.parametrize("spacing,offset,one", [("uniform", 0, True), ("uniform", 1, False),
+                                                ("trailing", 0, True)])
 @pytest.mark.parametrize("kind,theirs", [("eps", "epsilon"), ("v", "v_prediction")])
-def test_ddim_trajectory_matches_diffusers(spacing, kind, theirs):
+def test_ddim_trajectory_matches_diffusers(spacing, offset, one, kind, theirs):
   torch = pytest.importorskip("torch")
   import diffusers
   ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                clip_sample=False, set_alpha_to_one=one, steps_offset=offset,
                                 timestep_spacing={"uniform": "leading"}.get(spacing, spacing),
                                 prediction_type=theirs)
   ref.set_timesteps(20)
-  np.testing.assert_array_equal(P.timesteps(1000, 20, spacing)[::-1], ref.timesteps.numpy())
+  np.testing.assert_array_equal(P.timesteps(1000, 20, spacing, offset)[::-1],
+                                ref.timesteps.numpy())
   z_T = np.random.default_rng(1).standard_normal((2, 4, 4, 3)).astype(np.float32)
   z = torch.tensor(z_T)
   for t in ref.timesteps:
     z = ref.step(_fake_model(z, torch.full((2,), int(t))), t, z).prev_sample
   got = P.sample(_fake_model, z_T, jax.random.PRNGKey(0), S.make_schedule("linear"), steps=20,
-                 spacing=spacing, prediction_type=kind)
+                 spacing=spacing, steps_offset=offset, set_alpha_to_one=one,
+                 prediction_type=kind)
   np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=1e-4)
 
 
@@ -231,5 +235,10 @@ def test_timesteps_and_errors():
     P.timesteps(1000, 0)
   with pytest.raises(ValueError, match="spacing"):
     P.timesteps(1000, 10, "leading")
+  np.testing.assert_array_equal(P.timesteps(1000, 4, "uniform", 1), [1, 251, 501, 751])
+  with pytest.raises(ValueError, match="steps_offset=1 applies to the 'uniform'"):
+    P.timesteps(1000, 4, "trailing", 1)
+  with pytest.raises(ValueError, match=r"last step at 1000 >= T=1000"):
+    P.timesteps(1000, 1000, "uniform", 1)
   with pytest.raises(ValueError, match="sampler"):
     P.sample(lambda z, t: z, (1, 4), jax.random.PRNGKey(0), S.make_schedule(), sampler="euler")

@@ -8,7 +8,9 @@ a = 1. A grid t_0 > t_1 > ... > t_{n-1} (from `timesteps`, reversed) is walked
 t_i -> t_{i+1}, the last step going from t_{n-1} to a = 1. The reference (CompVis
 DDIM) instead shifts its grid by +1 and ends at alphas_cumprod[0]; ending at a = 1 is
 diffusers' `set_alpha_to_one=True` (`final_alpha_cumprod = 1`), and our 'uniform'
-grid is diffusers' `timestep_spacing='leading', steps_offset=0`.
+grid is diffusers' `timestep_spacing='leading'` with its `steps_offset`. Stable
+Diffusion's schedulers use that reference grid: `steps_offset=1` and
+`set_alpha_to_one=False` in `sample`.
 
 model_fn(z_t, t) -> raw output of `prediction_type` ('eps' | 'v' | 'x0'), t an int32
 (B,) array. Guidance is a model_fn too (`cfg_model_fn`).
@@ -24,24 +26,29 @@ from ldm_jax.diffusion.schedule import Schedule, x0_eps_from_output
 SPACINGS = ("uniform", "quadratic", "trailing")
 
 
-def timesteps(T: int, steps: int, spacing: str = "uniform") -> np.ndarray:
+def timesteps(T: int, steps: int, spacing: str = "uniform", offset: int = 0) -> np.ndarray:
   """An ascending grid of distinct timesteps in [0, T).
 
   Args:
     T: training timesteps.
     steps: number of sampling steps, 1 <= steps <= T.
-    spacing: 'uniform' (leading: k * (T // steps), starts at 0), 'quadratic'
+    spacing: 'uniform' (leading: k * (T // steps) + offset, starts at offset), 'quadratic'
       (CompVis: floor(linspace(0, sqrt(0.8 T), steps)^2), duplicates removed so it
       may have fewer than `steps` points) or 'trailing' (round(T - k T/steps) - 1,
       contains T - 1; Lin et al. 2023 Table 2).
+    offset: 'uniform' only: diffusers' `steps_offset` (1 in Stable Diffusion's schedulers).
 
   Returns:
     int32 numpy array, ascending.
   """
   if not 1 <= steps <= T:
     raise ValueError(f"steps must be in [1, T={T}], got {steps}")
+  if offset and spacing != "uniform":
+    raise ValueError(f"steps_offset={offset} applies to the 'uniform' (leading) spacing only")
   if spacing == "uniform":
-    ts = np.arange(steps) * (T // steps)
+    ts = np.arange(steps) * (T // steps) + offset
+    if ts[-1] >= T:
+      raise ValueError(f"steps_offset={offset} puts the grid's last step at {ts[-1]} >= T={T}")
   elif spacing == "quadratic":
     ts = np.unique((np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64))
   elif spacing == "trailing":
@@ -296,9 +303,9 @@ def _inpaint_project(schedule: Schedule, mask, known_latent):
 
 
 def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sampler: str = "ddim",
-           steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
-           prediction_type: str = "eps", init_latent=None, strength: float = 1.0,
-           mask=None, known_latent=None):
+           steps: int = 50, eta: float = 0.0, spacing: str = "uniform", steps_offset: int = 0,
+           set_alpha_to_one: bool = True, prediction_type: str = "eps", init_latent=None,
+           strength: float = 1.0, mask=None, known_latent=None):
   """Samples latents z0 with one of `SAMPLERS`; jit-able (everything but the arrays static).
 
   Args:
@@ -307,7 +314,9 @@ def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sample
     rng: PRNG key.
     schedule: the training noise schedule.
     sampler: 'ddim' | 'ddpm' | 'plms' | 'dpmpp_2m'.
-    steps, spacing: the grid, see `timesteps`.
+    steps, spacing, steps_offset: the grid, see `timesteps`.
+    set_alpha_to_one: the last step ends at a = 1; False ends it at alphas_cumprod[0]
+      (diffusers' flag of the same name; Stable Diffusion's schedulers set it False).
     eta: DDIM noise scale (other samplers ignore it).
     prediction_type: 'eps' | 'v' | 'x0'.
     init_latent: img2img: the encoded image z0. The noise is added up to the grid
@@ -324,7 +333,9 @@ def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sample
     raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f"strength must be in [0, 1], got {strength}")
-  ts = timesteps(schedule.T, steps, spacing)[::-1]
+  ts = timesteps(schedule.T, steps, spacing, steps_offset)[::-1]
+  if not set_alpha_to_one:
+    schedule = schedule.replace(final_alpha_cumprod=schedule.alphas_cumprod[0])
   if init_latent is not None:
     n_run = min(int(strength * len(ts)), len(ts))
     if n_run == 0:

@@ -136,8 +136,9 @@ class LDMTask:
 
     `batch` holds the condition (tokens / label / image for concat models), and
     optionally `negative` (tokens of negative prompts), `init_image` (img2img from
-    `strength`) and `mask` (pixel mask, 1 = keep: inpainting with any model; with an
-    inpainting-concat UNet it is also the model's mask input).
+    `strength`), `mask` (pixel mask, 1 = keep: inpainting with any model; with an
+    inpainting-concat UNet it is also the model's mask input) and `z_T` (the initial
+    latent noise, (B, h, w, c), instead of noise drawn from `rng`).
     """
     s = self.c.sample
     steps = steps or s.steps
@@ -169,8 +170,12 @@ class LDMTask:
       m = batch["mask"]
       mask = jax.image.resize(m, (n, shape[1], shape[2], 1), "linear", antialias=True)
       mask = (mask > 0.5).astype(jnp.float32)  # keep only latents wholly inside the known region
-    z0 = samplers.sample(model_fn, shape, rng, self.schedule, sampler=sampler or s.sampler,
-                         steps=steps, eta=eta, prediction_type=self.c.prediction_type,
+    z0 = samplers.sample(model_fn, batch.get("z_T", shape), rng, self.schedule,
+                         sampler=sampler or s.sampler, steps=steps, eta=eta,
+                         spacing=s.get("timestep_spacing", "uniform"),
+                         steps_offset=s.get("steps_offset", 0),
+                         set_alpha_to_one=s.get("set_alpha_to_one", True),
+                         prediction_type=self.c.prediction_type,
                          init_latent=init_latent, strength=strength if mask is None else 1.0,
                          mask=mask)
     return self.first.decode(frozen["first_stage"], z0 / scale)
@@ -232,5 +237,9 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   # latents (training/latent_cache.py): each step skips the frozen encoder.
   c.latent_cache = False
   c.sample = ml_collections.ConfigDict(dict(
-      steps=50, guidance=5.0, sampler="ddim", prompts=PROMPTS))
+      steps=50, guidance=5.0, sampler="ddim", prompts=PROMPTS,
+      # The step grid (diffusers' scheduler fields): 'uniform' ('leading') | 'trailing' |
+      # 'quadratic', shifted by steps_offset; set_alpha_to_one=False ends the last step at
+      # alphas_cumprod[0] instead of a = 1. Stable Diffusion's: uniform, 1, False.
+      timestep_spacing="uniform", steps_offset=0, set_alpha_to_one=True))
   return c
