@@ -9,7 +9,6 @@ the text encoder in `frozen.cond` or, trainable, `params.cond`, `ema` = `params`
 calls these from its fresh-start hook; `for_sampling` builds everything
 `sampling.generate` needs without a checkpoint.
 """
-from typing import Optional
 
 import jax
 import ml_collections
