@@ -26,7 +26,7 @@ def _equal_trees(a, b) -> bool:
   return jax.tree.structure(a) == jax.tree.structure(b) and all(jax.tree.leaves(same))
 
 
-def _tensors(tmp_path):
+def _tensors():
   import collections
   sd = collections.OrderedDict(
       w=torch.randn(3, 4), t=torch.randn(4, 3).t(), h=torch.randn(2, 5).half()[:, 1:4],
@@ -38,7 +38,7 @@ def _tensors(tmp_path):
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_safe_pickle_matches_torch_load(tmp_path, zip_format):
   path = str(tmp_path / "w.ckpt")
-  torch.save({"state_dict": _tensors(tmp_path), "global_step": 7, "meta": {"name": "x"}}, path,
+  torch.save({"state_dict": _tensors(), "global_step": 7, "meta": {"name": "x"}}, path,
              _use_new_zipfile_serialization=zip_format)
   ours = safe_pickle.load(path)
   ref = torch.load(path, weights_only=True)
@@ -250,3 +250,31 @@ def test_single_file_errors(tmp_path):
   assert p.tokenizer is None
   with pytest.raises(ValueError, match="no tokenizer was read"):
     stage2.for_sampling(p)
+
+
+def test_state_pieces_fit_the_config_or_fail_by_leaf():
+  from ldm_jax import parallel
+  from ldm_jax.training.ldm import LDMTask
+  p = pretrained.load(sd_fixtures.build("sd1")["folder"])
+  for trainable in (False, True):
+    config = stage2.stage2_config(p, text_trainable=trainable)
+    assert config.stage2.text.clip.to_dict() == p.text and config.stage2.unet.to_dict() == p.unet
+    task = LDMTask(config)
+    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    abstract, shardings = parallel.abstract_state(task.init, jax.random.key(0), mesh,
+                                                  parallel.rules_of(config))
+    pieces = stage2.state_pieces(p, text_trainable=trainable)
+    assert ("cond" in pieces["params"]) == trainable != ("cond" in pieces["frozen"])
+    state = stage2.place(abstract, shardings, pieces)
+    assert state["opt"] is abstract["opt"]  # what the files do not hold is left alone
+    np.testing.assert_array_equal(state["frozen"]["first_stage"]["params"]["quant_conv"]["bias"],
+                                  p.params["vae"]["quant_conv"]["bias"])
+  with pytest.raises(ValueError, match=r"state.params and the pretrained weights differ in "
+                                       r".*'cond'"):  # a frozen text encoder vs a trainable one
+    stage2.place(abstract, shardings, stage2.state_pieces(p))
+  bad = stage2.state_pieces(p, text_trainable=True)
+  conv_in = bad["params"]["unet"]["params"]["conv_in"]
+  conv_in["kernel"] = conv_in["kernel"][..., :8]
+  with pytest.raises(ValueError, match=r"state.params\['unet'\]\['params'\]\['conv_in'\]"
+                                       r"\['kernel'\]: shape \(3, 3, 4, 8\) in the files"):
+    stage2.place(abstract, shardings, bad)

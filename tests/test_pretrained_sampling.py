@@ -25,7 +25,7 @@ HW = sd_fixtures.IMAGE
 
 def _reference(pipe, z_T, prompts=PROMPTS, steps=10):
   """diffusers' images in [0, 1] from NHWC latents z_T."""
-  return pipe(prompts, latents=torch.from_numpy(np.asarray(z_T)).permute(0, 3, 1, 2),
+  return pipe(prompts, latents=torch.from_numpy(np.array(z_T)).permute(0, 3, 1, 2),
               num_inference_steps=steps, guidance_scale=7.5, output_type="np", height=HW,
               width=HW).images
 
@@ -57,21 +57,30 @@ def test_images_equal_stable_diffusion_pipeline(style):
 
 
 def test_sample_cli_from_a_single_file(tmp_path):
-  """The real entry point on the sd1 single file: its PNG is the pipeline's image for
-  the noise the CLI draws from --seed (one device, so the draw is reproducible here)."""
-  fx = sd_fixtures.build("sd1")
+  """The real entry point on the sd2 single file, its architecture, schedule and image
+  size from --pretrained_config, its tokenizer from --pretrained_tokenizer (one that
+  pads with <|endoftext|>, not the folder's "!"): the PNG is the pipeline's image with
+  that tokenizer for the noise the CLI draws from --seed (one device, reproducible)."""
+  import transformers
+  fx = sd_fixtures.build("sd2")
+  tok = str(tmp_path / "tokenizer")
+  sd_fixtures.write_tokenizer(tok, "<|endoftext|>")
   out = tmp_path / "out"
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 "
              "--xla_backend_optimization_level=0")  # compiling, not running, is the cost
   cmd = [sys.executable, "-m", "ldm_jax.sample", f"--pretrained={fx['file']}",
-         f"--pretrained_tokenizer={os.path.join(fx['folder'], 'tokenizer')}",
-         "--prompt=a cat", "--num=1", "--steps=4", "--guidance=7.5", f"--height={HW}",
-         f"--width={HW}", "--seed=3", f"--out={out}"]
+         f"--pretrained_config={fx['folder']}", f"--pretrained_tokenizer={tok}",
+         "--prompt=a cat", "--num=1", "--steps=4", "--guidance=7.5", "--seed=3", f"--out={out}"]
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   png = np.asarray(Image.open(out / "00000.png"), np.float32) / 255
+  assert png.shape == (HW, HW, 3)  # the config's size: SD 2's default would be 768
   # samplers.sample: z_T ~ N(0, I) from the first half of the split seed key
   z_T = jax.random.normal(jax.random.split(jax.random.key(3))[0], (1, HW // 2, HW // 2, 4))
-  ref = _reference(fx["pipe"], np.asarray(z_T), ["a cat"], steps=4)[0]
+  pipe = diffusers.StableDiffusionPipeline(**dict(
+      fx["pipe"].components, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok)))
+  ref = _reference(pipe, np.asarray(z_T), ["a cat"], steps=4)[0]
+  other = _reference(fx["pipe"], np.asarray(z_T), ["a cat"], steps=4)[0]
+  assert np.abs(ref - other).max() > 0.02  # the tokenizer matters to the image
   assert np.abs(png - ref).max() <= 0.5 / 255 + 1e-3
