@@ -1,4 +1,5 @@
 """python -m ldm_jax.sample --workdir=DIR --prompt="a red circle ..." [--num 4 --steps 50 ...]
+   python -m ldm_jax.sample --pretrained=SD_FOLDER_OR_FILE --prompt="..."
 
 Loads a stage-2 checkpoint (EMA weights by default), samples a batch sharded over
 all devices and hosts with one jitted lax.scan sampler, and writes one PNG and
@@ -15,6 +16,12 @@ from ldm_jax import cli
 
 flags.DEFINE_string("workdir", None, "A training workdir (its ldm/ checkpoints are used).")
 flags.DEFINE_string("checkpoint", None, "A stage-2 checkpoints folder (instead of --workdir).")
+flags.DEFINE_string("pretrained", None, "Stable Diffusion weights instead of a checkpoint: a "
+                    "diffusers folder or a single .safetensors/.ckpt file (local or fsspec URL).")
+flags.DEFINE_string("pretrained_config", None, "--pretrained single file: a diffusers folder "
+                    "whose configs, tokenizer and scheduler describe it.")
+flags.DEFINE_string("pretrained_tokenizer", None, "--pretrained: a CLIP tokenizer folder "
+                    "(a single file holds none).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
@@ -65,10 +72,17 @@ def main(argv):
       lowres=FLAGS.lowres, layout=FLAGS.layout, ema=FLAGS.ema)
   ckpt_dir = FLAGS.checkpoint or (os.path.join(FLAGS.workdir, "ldm", "checkpoints")
                                   if FLAGS.workdir else None)
+  loader = None
+  if FLAGS.pretrained:
+    from ldm_jax import pretrained
+    from ldm_jax.pretrained import stage2
+    ckpt_dir = FLAGS.pretrained
+    loader = lambda: stage2.for_sampling(pretrained.load(
+        FLAGS.pretrained, config=FLAGS.pretrained_config, tokenizer=FLAGS.pretrained_tokenizer))
   if ckpt_dir is None:
-    raise app.UsageError("give --workdir or --checkpoint")
+    raise app.UsageError("give --workdir, --checkpoint or --pretrained")
   t0 = time.time()
-  paths = sampling.run(ckpt_dir, req, FLAGS.out, step=FLAGS.step)
+  paths = sampling.run(ckpt_dir, req, FLAGS.out, step=FLAGS.step, loader=loader)
   logging.getLogger("ldm_jax").info("wrote %d images and %s in %.1f s", len(paths) - 1, paths[-1], time.time() - t0)
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -209,11 +209,17 @@ def grid_columns(n: int, num: int) -> int:
   return math.ceil(math.sqrt(n))
 
 
-def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, devices=None) -> list:
-  """Samples `req` from the checkpoint into `out`; returns the written paths (grid last)."""
+def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, devices=None,
+        loader: Optional[Callable[[], tuple]] = None) -> list:
+  """Samples `req` from the checkpoint into `out`; returns the written paths (grid last).
+
+  `loader` returns (task, state, mesh, config) in place of the checkpoint (e.g.
+  pretrained Stable Diffusion weights, `ldm_jax.pretrained.stage2.for_sampling`);
+  `ckpt_dir` then only names the source in each image's JSON.
+  """
   check_request(req)
   storage.check_writable(out)
-  task, state, mesh, config = load(ckpt_dir, step, devices)
+  task, state, mesh, config = loader() if loader else load(ckpt_dir, step, devices)
   batch, meta = build_batch(task, config, req)
   n = len(meta)
   images = generate(task, state, mesh, config, batch, seed=req.seed, steps=meta[0]["steps"],

@@ -114,13 +114,15 @@ def test_one_ddim_step_matches_diffusers(kind, theirs, eta):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0)])
+# (spacing, steps_offset, set_alpha_to_one); the second is Stable Diffusion's schedulers' grid.
+@pytest.mark.parametrize("spacing,offset,one", [("leading", 0, True), ("leading", 1, False),
+                                                ("trailing", 0, True)])
 @pytest.mark.parametrize("kind,theirs", [("eps", "epsilon"), ("v", "v_prediction")])
-def test_ddim_trajectory_matches_diffusers(spacing, offset, kind, theirs):
+def test_ddim_trajectory_matches_diffusers(spacing, offset, one, kind, theirs):
   torch = pytest.importorskip("torch")
   import diffusers
   ref = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=True, steps_offset=offset,
+                                clip_sample=False, set_alpha_to_one=one, steps_offset=offset,
                                 timestep_spacing=spacing, prediction_type=theirs)
   ref.set_timesteps(20)
   np.testing.assert_array_equal(P.timesteps(1000, 20, spacing, offset)[::-1], ref.timesteps.numpy())
@@ -129,7 +131,8 @@ def test_ddim_trajectory_matches_diffusers(spacing, offset, kind, theirs):
   for t in ref.timesteps:
     z = ref.step(_fake_model(z, torch.full((2,), int(t))), t, z).prev_sample
   got = P.sample(_fake_model, z_T, jax.random.PRNGKey(0), S.make_schedule("linear"), steps=20,
-                 spacing=spacing, steps_offset=offset, prediction_type=kind)
+                 spacing=spacing, steps_offset=offset, set_alpha_to_one=one,
+                 prediction_type=kind)
   np.testing.assert_allclose(got, z.numpy(), rtol=1e-4, atol=1e-4)
 
 

@@ -9,7 +9,8 @@ t_i -> t_{i+1}, the last step going from t_{n-1} to a = 1. The reference (CompVi
 DDIM) instead ends at alphas_cumprod[0]; ending at a = 1 is diffusers'
 `set_alpha_to_one=True` (`final_alpha_cumprod = 1`). The grids are diffusers'
 `timestep_spacing` options under their names (Lin et al. 2023, Table 2); the
-reference's own grid is 'leading' with `steps_offset=1`.
+reference's own grid, and Stable Diffusion's schedulers', is 'leading' with
+`steps_offset=1` and `set_alpha_to_one=False` (`sample`).
 
 model_fn(z_t, t) -> raw output of `prediction_type` ('eps' | 'v' | 'x0'), t an int32
 (B,) array. Guidance is a model_fn too (`cfg_model_fn`).
@@ -315,8 +316,8 @@ def _inpaint_project(schedule: Schedule, mask, known_latent):
 
 def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sampler: str = "ddim",
            steps: int = 50, eta: float = 0.0, spacing: str = "leading", steps_offset: int = 0,
-           prediction_type: str = "eps", init_latent=None, strength: float = 1.0,
-           mask=None, known_latent=None):
+           set_alpha_to_one: bool = True, prediction_type: str = "eps", init_latent=None,
+           strength: float = 1.0, mask=None, known_latent=None):
   """Samples latents z0 with one of `SAMPLERS`; jit-able (everything but the arrays static).
 
   Args:
@@ -326,6 +327,8 @@ def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sample
     schedule: the training noise schedule.
     sampler: 'ddim' | 'ddpm' | 'plms' | 'dpmpp_2m'.
     steps, spacing, steps_offset: the grid, see `timesteps`.
+    set_alpha_to_one: the last step ends at a = 1; False ends it at alphas_cumprod[0]
+      (diffusers' flag of the same name; Stable Diffusion's schedulers set it False).
     eta: DDIM noise scale (other samplers ignore it).
     prediction_type: 'eps' | 'v' | 'x0'.
     init_latent: img2img: the encoded image z0. The noise is added up to the grid
@@ -344,6 +347,8 @@ def sample(model_fn: Callable, shape_or_init, rng, schedule: Schedule, *, sample
   if not 0.0 <= strength <= 1.0:
     raise ValueError(f"strength must be in [0, 1], got {strength}")
   ts = timesteps(schedule.T, steps, spacing, steps_offset)[::-1]
+  if not set_alpha_to_one:
+    schedule = schedule.replace(final_alpha_cumprod=schedule.alphas_cumprod[0])
   if init_latent is not None:
     n_run = min(int(strength * len(ts)), len(ts))
     if n_run == 0:

@@ -15,7 +15,9 @@ with SNR(t) = a_t / (1 - a_t). A network predicts one of
   'x0':  z0,
 and `to_x0_eps` turns any of them into the pair (x0_hat, eps_hat).
 
-The level t = -1 stands for the clean data (a = 1): samplers step to it last.
+The level t = -1 stands for the clean data, a = `final_alpha_cumprod` (1 unless a
+sampler's grid ends at alphas_cumprod[0], as diffusers' `set_alpha_to_one=False` of
+Stable Diffusion's schedulers): samplers step to it last.
 Everything here is a pure function of arrays; `Schedule` is a pytree so it can
 be passed through `jax.jit`.
 """
@@ -126,10 +128,11 @@ class Schedule:
   """betas and a_t = alphas_cumprod (float32, shape (T,)) with the q(z_t | z0) helpers.
 
   Timesteps `t` are int arrays of shape (B,) (one per example) or scalars; t = -1
-  means the clean level a = 1.
+  means the clean level a = final_alpha_cumprod (1 by default).
   """
   betas: jnp.ndarray
   alphas_cumprod: jnp.ndarray
+  final_alpha_cumprod: float = 1.0
 
   @classmethod
   def from_betas(cls, betas) -> "Schedule":
@@ -142,9 +145,11 @@ class Schedule:
     return self.betas.shape[0]
 
   def alpha_bar(self, t, ndim: int = 0):
-    """a_t, with a = 1 at t = -1, reshaped to (B, 1, ..., 1) of rank `ndim` if ndim > 0."""
+    """a_t, with a = final_alpha_cumprod at t = -1, reshaped to (B, 1, ..., 1) of rank
+    `ndim` if ndim > 0."""
     t = jnp.asarray(t)
-    a = jnp.where(t >= 0, self.alphas_cumprod[jnp.clip(t, 0, self.T - 1)], 1.0)
+    a = jnp.where(t >= 0, self.alphas_cumprod[jnp.clip(t, 0, self.T - 1)],
+                  self.final_alpha_cumprod)
     return a.reshape(a.shape + (1,) * (ndim - a.ndim)) if ndim else a
 
   def q_sample(self, z0, t, eps):

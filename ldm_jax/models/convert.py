@@ -15,7 +15,7 @@ Shapes are checked against a template tree (real or `jax.eval_shape`d), so a
 checkpoint of another configuration fails with the names of the mismatches.
 """
 import re
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import flax
 import flax.linen
@@ -111,22 +111,42 @@ def torch_to_flax(state_dict: Mapping[str, object], template, *,
   return flax.traverse_util.unflatten_dict(out)
 
 
+# Flax module names whose "_<digits>" ending is part of the torch name, not a list index.
+_NAMES_WITH_DIGITS = ("linear_1", "linear_2")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def path_to_torch_key(path: Sequence[str]) -> str:
+  """('down_blocks_0', 'resnets_1', 'conv1', 'kernel') -> 'down_blocks.0.resnets.1.conv1.weight',
+  the inverse of `torch_key_to_path` plus the leaf rule."""
+  out = []
+  for seg in path[:-1]:
+    m = re.fullmatch(r"(.+)_(\d+)", seg)
+    out.append(f"{m.group(1)}.{m.group(2)}" if m and seg not in _NAMES_WITH_DIGITS else seg)
+  return ".".join(out + [_TORCH_LEAF.get(path[-1], path[-1])])
+
+
+def flax_to_torch(params) -> dict:
+  """A flax parameter tree as a torch-layout state dict of numpy float32 arrays (the
+  inverse of `torch_to_flax` without a rename): kernels HWIO -> OIHW, (in, out) -> (out, in).
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  out = {}
+  for path, v in flat.items():
+    w = np.asarray(jax.device_get(v), np.float32)
+    if path[-1] == "kernel":
+      w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T
+    out[path_to_torch_key(path)] = np.ascontiguousarray(w)
+  return out
+
+
 def load_torch_file(path: str) -> dict:
-  """Reads a `.safetensors` file, or a `.ckpt`/`.bin`/`.pt` pickle through a loader
-  that refuses arbitrary objects (a pickle can otherwise run code when loaded).
+  """Reads a `.safetensors` file, or a `.ckpt`/`.bin`/`.pt` pickle through a reader
+  that runs none of its code (`ldm_jax.pretrained.safe_pickle`; a pickle can
+  otherwise run code when loaded). Local paths or fsspec URLs; no torch needed.
 
   Returns:
     key -> numpy float32 array; a CompVis `{'state_dict': ...}` wrapper is unwrapped.
   """
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    try:
-      return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
-    except TypeError:  # bf16 tensors cannot be numpy; go through torch
-      from safetensors.torch import load_file as load_torch
-      return {k: _to_numpy(v) for k, v in load_torch(path).items()}
-  import torch  # a pickle needs torch; weights_only refuses code objects
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-    sd = sd["state_dict"]
-  return {k: _to_numpy(v) for k, v in sd.items() if hasattr(v, "shape")}
+  from ldm_jax.pretrained import files  # the pretrained package imports this module
+  return {k: np.asarray(v, np.float32) for k, v in files.read_weights(path).items()}

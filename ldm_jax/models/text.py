@@ -336,12 +336,43 @@ def check_context_dim(text_width: int, unet_context_dim: Optional[int]) -> None:
                      f"{unet_context_dim}: set the UNet's context_dim to the text width")
 
 
-def _clip_kwargs(cfg: dict, layer: str) -> dict:
+def clip_kwargs_from_config(cfg: dict, layer: str = "last",
+                            what: str = "text_encoder/config.json") -> dict:
+  """CLIPTextTransformer kwargs of a transformers CLIPTextConfig, checked.
+
+  Args:
+    cfg: the config.json of a CLIPTextModel (or a CLIPModel's, whose text_config is used).
+    layer: 'last' or 'penultimate' (of the num_hidden_layers in `cfg`).
+    what: the file's name, for errors.
+
+  Raises:
+    ValueError naming the field ldm_jax's encoder does not implement.
+  """
+  cfg = cfg.get("text_config", cfg)
   act = cfg.get("hidden_act", "quick_gelu")
+  if act not in _ACTS:
+    raise ValueError(f"{what}: hidden_act={act!r} is not one of {sorted(_ACTS)}")
+  if abs(float(cfg.get("layer_norm_eps", 1e-5)) - 1e-5) > 1e-9:
+    raise ValueError(f"{what}: layer_norm_eps={cfg['layer_norm_eps']} is not supported (1e-5)")
+  if cfg["hidden_size"] % cfg["num_attention_heads"]:
+    raise ValueError(f"{what}: hidden_size={cfg['hidden_size']} is not divisible by "
+                     f"num_attention_heads={cfg['num_attention_heads']}")
   return dict(vocab_size=cfg["vocab_size"], max_length=cfg["max_position_embeddings"],
               width=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
               num_heads=cfg["num_attention_heads"], mlp_dim=cfg["intermediate_size"],
               act=act, layer=layer)
+
+
+def check_tokenizer(tokenizer: CLIPTokenizerFromFolder, kw: dict, what: str) -> None:
+  """Raises ValueError unless `tokenizer` fits the CLIP encoder of kwargs `kw`: the same
+  vocabulary size (ids beyond the embedding table would be garbage) and prompts no
+  longer than its positions."""
+  if tokenizer.vocab_size != kw["vocab_size"]:
+    raise ValueError(f"{what}: the tokenizer has {tokenizer.vocab_size} tokens but the text "
+                     f"encoder's vocab_size is {kw['vocab_size']}: they are not a pair")
+  if tokenizer.max_length > kw["max_length"]:
+    raise ValueError(f"{what}: the tokenizer pads prompts to {tokenizer.max_length} tokens "
+                     f"but the text encoder has {kw['max_length']} positions")
 
 
 def load_clip_text(folder: str, layer: str = "last", dtype=None):
@@ -360,25 +391,32 @@ def load_clip_text(folder: str, layer: str = "last", dtype=None):
     raise FileNotFoundError(f"load_clip_text: {cfg_path} not found")
   with open(cfg_path) as f:
     cfg = json.load(f)
-  cfg = cfg.get("text_config", cfg)  # a full CLIPModel config nests the text tower
   weights = [os.path.join(folder, n) for n in ("model.safetensors", "pytorch_model.bin")]
   weights = [w for w in weights if os.path.isfile(w)]
   if not weights:
     raise FileNotFoundError(f"load_clip_text: no model.safetensors or pytorch_model.bin "
                             f"in {folder}")
-  model = CLIPTextTransformer(**_clip_kwargs(cfg, layer), dtype=dtype)
+  model = CLIPTextTransformer(**clip_kwargs_from_config(cfg, layer, cfg_path), dtype=dtype)
+  return model, clip_params(convert.load_torch_file(weights[0]), model,
+                            what=f"CLIP text encoder {folder}")
+
+
+def clip_params(state_dict: dict, model: CLIPTextTransformer, what: str = "CLIP text encoder"):
+  """Flax params of `model` from a transformers CLIPTextModel state dict.
+
+  Keys may carry transformers' `text_model.` prefix or not; the projection and vision
+  tower of a full CLIPModel, and the layer after the one a 'penultimate' model reads,
+  are skipped. Shapes and names are checked (`convert.torch_to_flax`).
+  """
   template = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
                                      jnp.zeros((1, 1), jnp.int32))["params"])
-  n_used = model.num_layers - (layer == "penultimate")
+  unread = f"encoder.layers.{model.num_layers - 1}." if model.layer == "penultimate" else None
 
   def rename(key):
     key = key[len("text_model."):] if key.startswith("text_model.") else key
-    parts = key.split(".")
-    if parts[:2] == ["encoder", "layers"] and int(parts[2]) >= n_used:
+    if unread and key.startswith(unread):
       return None  # the layer after the one SD 2 reads
     return None if key.startswith(("text_projection", "vision_model", "logit_scale")) else key
 
-  params = convert.torch_to_flax(convert.load_torch_file(weights[0]), template, rename=rename,
-                                 ignore=[r"position_ids$"], what=f"CLIP text encoder {folder}")
-  return model, params
-
+  return convert.torch_to_flax(state_dict, template, rename=rename, ignore=[r"position_ids$"],
+                               what=what)

@@ -41,6 +41,10 @@ def text_config(size: str = "tiny"):
       size=size if sd else ("base" if size == "base" else "tiny"),  # preset of the encoder
       max_length=77 if sd else 64,   # tokens per prompt; longer prompts are cut (one warning)
       path="",                       # clip: a diffusers pipeline folder (text_encoder/, tokenizer/)
+      # clip: CLIPTextTransformer kwargs of a pretrained model's text tower (its weights
+      # come with the state, ldm_jax.pretrained.stage2); None = `path` or the `size` preset.
+      clip=None,
+      tokenizer_path="",             # clip: a CLIP tokenizer folder (default: path/tokenizer)
       # clip: the layer tau reads. diffusers' SD 2 text_encoder/ already stops at the
       # penultimate layer, so 'last' is right for it; 'penultimate' for a full OpenCLIP tower.
       layer="last",
@@ -66,6 +70,13 @@ def text_from_config(t, dtype: str):
     return tok, text_lib.TextTransformer(**kw), True, None
   if t.encoder != "clip":
     raise ValueError(f"config.stage2.text.encoder must be 'transformer' or 'clip', got {t.encoder!r}")
+  if t.get("clip"):
+    from ldm_jax.pretrained import files  # a tokenizer folder may be an fsspec URL
+    kw = dict(t.clip)
+    tok = text_lib.CLIPTokenizerFromFolder(
+        files.local_folder(t.get("tokenizer_path") or files.join(t.path, "tokenizer")), t.max_length)
+    text_lib.check_tokenizer(tok, kw, "config.stage2.text.tokenizer_path")
+    return tok, text_lib.CLIPTextTransformer(**kw, dtype=dt), bool(t.trainable), None
   if t.path:
     tok = text_lib.CLIPTokenizerFromFolder(os.path.join(t.path, "tokenizer"), t.max_length)
     model, params = text_lib.load_clip_text(os.path.join(t.path, "text_encoder"), t.layer, dt)

@@ -163,7 +163,8 @@ class LDMTask(Task):
     inpainting from pure noise with any model, the kept region pasted in at every
     step; an inpainting-concat UNet also reads it as its mask input). `spacing`
     defaults to `timestep_spacing(config.stage2)`; 'leading' adds
-    `sample.steps_offset`.
+    `sample.steps_offset`. `z_T` (B, h, w, c), if given, is the initial latent
+    noise in place of noise drawn from `rng`.
     """
     s = self.c.sample
     steps = steps or s.steps
@@ -197,9 +198,10 @@ class LDMTask(Task):
       if self.cond.concat != "inpaint":  # the UNet cannot see the mask: paste the kept region
         m = jax.image.resize(batch["mask"], (n, shape[1], shape[2], 1), "linear", antialias=True)
         mask = (m >= 0.5).astype(jnp.float32)  # repaint a latent pixel mostly in the hole
-    z0 = samplers.sample(model_fn, shape, rng, self.schedule, sampler=sampler or s.sampler,
+    z0 = samplers.sample(model_fn, batch.get("z_T", shape), rng, self.schedule, sampler=sampler or s.sampler,
                          steps=steps, eta=eta, spacing=spacing,
                          steps_offset=s.get("steps_offset", 0),
+                         set_alpha_to_one=s.get("set_alpha_to_one", True),
                          prediction_type=self.c.prediction_type, init_latent=init_latent,
                          strength=strength, mask=mask, known_latent=known)
     return self.first.decode(frozen["first_stage"], z0 / scale)
@@ -256,5 +258,7 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
       # diffusers' names: 'leading' | 'trailing' | 'linspace' (| CompVis 'quadratic');
       # 'auto' = 'trailing' on a zero-terminal-SNR schedule, else 'leading'
       timestep_spacing="auto",
-      steps_offset=1 if size in ("sd15", "sd2") else 0))  # added to 'leading' (SD's scheduler: 1)
+      steps_offset=1 if size in ("sd15", "sd2") else 0,  # added to 'leading' (SD's scheduler: 1)
+      # False: the last step ends at alphas_cumprod[0], not a = 1 (SD's scheduler)
+      set_alpha_to_one=size not in ("sd15", "sd2")))
   return c
