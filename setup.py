@@ -18,6 +18,7 @@ setup(
         "clu>=0.0.12",
         "grain>=0.2.10",
         "fsspec>=2024.1",
+        "tensorboardX>=2.6",
         "pillow>=10",
         "numpy>=1.26",
         "safetensors>=0.4",
