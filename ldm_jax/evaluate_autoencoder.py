@@ -40,7 +40,7 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
   from jax.experimental import multihost_utils
   from ldm_jax import data as data_lib, parallel
   from ldm_jax.evaluation.image_metrics import psnr, ssim
-  from ldm_jax.models.inception import feature_stats, frechet_distance
+  from ldm_jax.evaluation.fid import feature_stats, frechet_distance
 
   dp = parallel.data_parallel_size(mesh)
   batch = -(-batch // dp) * dp

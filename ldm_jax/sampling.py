@@ -4,6 +4,7 @@ sharded batch, run the jitted sampler, write PNGs + JSON + a grid.
 Everything a request can get wrong is checked before anything is compiled.
 """
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -183,6 +184,12 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
   return batch, [dict(r, index=i, **settings) for i, r in enumerate(rows)]
 
 
+@functools.lru_cache(maxsize=16)
+def _sampler(task, kw: tuple):
+  """One jitted sampler per task and settings: batch after batch reuses its compile."""
+  return jax.jit(lambda s, b, r: task.sample(s, b, r, **dict(kw)))
+
+
 def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> np.ndarray:
   """Images (N, H, W, 3) in [-1, 1] for a host batch of N rows (the same on every
   process), sharded over all devices and hosts; kw go to `LDMTask.sample`."""
@@ -194,7 +201,7 @@ def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> 
   per = total // jax.process_count()
   lo = jax.process_index() * per
   gbatch = parallel.global_batch({k: v[lo:lo + per] for k, v in batch.items()}, mesh)
-  fn = jax.jit(lambda s, b, r: task.sample(s, b, r, **kw))
+  fn = _sampler(task, tuple(sorted(kw.items())))
   with parallel.activate(mesh, parallel.rules_of(config)):
     images = fn(state, gbatch, jax.random.key(seed))
   return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]

@@ -1,1 +1,2 @@
-"""Evaluation metrics (image reconstruction quality, ...)."""
+"""Evaluation: reconstruction metrics, prompt following on the shapes set, and FID,
+KID, Inception Score and CLIP score of generated images."""

@@ -7,24 +7,29 @@ the original TensorFlow implementation. pytorch-fid ports it as torchvision's
     padding from the mean (`count_include_pad=False`, TensorFlow's behaviour);
   * Mixed_7c's pool branch is a max pool, not an average pool;
   * inputs in [0, 1] are resized bilinearly to 299x299 and mapped to [-1, 1].
-The 2048-d features are the global average pool after Mixed_7c ("pool3").
+The 2048-d features are the global average pool after Mixed_7c ("pool3"); the
+1008-way logits the Inception Score needs are pool3 @ fc.weight^T, without the
+bias, as the original IS code multiplies the graph's softmax weights itself.
 
 Module and parameter names follow torchvision's (`Conv2d_1a_3x3/conv`,
-`Mixed_5b/branch1x1/bn`, ...), so the weights file pytorch-fid uses,
-`pt_inception-2015-12-05-6726825d.pth`, converts with `torch_to_flax` (its
-`fc.*` classifier is not needed). Weights are never downloaded: `load_inception`
-reads a file the user supplies.
+`Mixed_5b/branch1x1/bn`, ..., `fc`), so the weights file pytorch-fid uses,
+`pt_inception-2015-12-05-6726825d.pth`, converts with `torch_to_flax`. Weights
+are never downloaded: `load_inception` reads a file the user supplies.
 """
+import functools
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ldm_jax.models.convert import load_torch_file, torch_to_flax
 
 FID_SIZE = 299
+NUM_CLASSES = 1008  # the TF graph's classes: ImageNet's 1000 and 8 unused
+WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               + WEIGHTS_FILE)
 
 
 class BatchNormInference(nn.Module):
@@ -141,16 +146,28 @@ class InceptionE(nn.Module):
     return jnp.concatenate([b1, b3, bd, bp], -1)
 
 
+class _Logits(nn.Module):
+  """The classifier `fc` (weight and bias, as in the weights file); returns x @ W."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], NUM_CLASSES))
+    self.param("bias", nn.initializers.zeros_init(), (NUM_CLASSES,))  # read, never used
+    return x @ kernel
+
+
 class FIDInceptionV3(nn.Module):
   """NHWC images in [-1, 1] (any size) -> (B, 2048) pool3 features.
 
-  resize: resize to 299x299 first, as FID requires; False feeds the input as is
-    (at least 75x75), which tests use to stay small.
+  resize: resize to 299x299 first (bilinear, pytorch-fid's default); False feeds
+    the input as is (at least 75x75): callers that resize on the host (clean-fid's
+    PIL bicubic, `ldm_jax.evaluation.inception_features`), and tests that stay small.
   """
   resize: bool = True
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, logits: bool = False):
+    """Returns pool3 (B, 2048), or (pool3, logits (B, 1008)) when `logits`."""
     x = x.astype(jnp.float32)
     if self.resize and x.shape[1:3] != (FID_SIZE, FID_SIZE):
       # torch's F.interpolate(bilinear, align_corners=False): half-pixel centres, no antialias
@@ -172,41 +189,31 @@ class FIDInceptionV3(nn.Module):
     x = InceptionD(name="Mixed_7a")(x)
     x = InceptionE("avg", name="Mixed_7b")(x)
     x = InceptionE("max", name="Mixed_7c")(x)
-    return jnp.mean(x, axis=(1, 2))
+    pool3 = jnp.mean(x, axis=(1, 2))
+    out = _Logits(name="fc")(pool3)
+    return (pool3, out) if logits else pool3
+
+
+@functools.lru_cache(maxsize=None)
+def _template():
+  """The parameter shapes (the same at any input size), traced once per process."""
+  return jax.eval_shape(FIDInceptionV3(resize=False).init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, 75, 75, 3)))["params"]
 
 
 def load_inception(path: str, *, resize: bool = True):
   """(module, params) of the FID Inception from a torch state dict file (pytorch-fid's
   `pt_inception-2015-12-05-6726825d.pth`, or a `.safetensors` with the same keys).
 
-  Raises FileNotFoundError naming the path; ValueError if the keys or shapes differ.
+  Raises FileNotFoundError naming the path and where the file comes from;
+  ValueError if the keys or shapes differ.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Inception weights: no such file {path!r}")
+    raise FileNotFoundError(f"Inception weights: no such file {path!r} (pytorch-fid's "
+                            f"{WEIGHTS_FILE}, from {WEIGHTS_URL})")
   model = FIDInceptionV3(resize=resize)
-  template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3)))["params"]
-  params = torch_to_flax(load_torch_file(path), template,
-                         ignore=(r"^fc\.", r"num_batches_tracked$", r"^AuxLogits\."),
+  params = torch_to_flax(load_torch_file(path), _template(),
+                         ignore=(r"num_batches_tracked$", r"^AuxLogits\."),
                          what=f"Inception weights {path!r}")
   return model, jax.tree.map(jnp.asarray, params)
 
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64.
-
-  Tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the eigenvalues
-  of S1^(1/2) S2 S1^(1/2), which is symmetric PSD, so no complex sqrtm is needed.
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-  w, v = np.linalg.eigh(s1)
-  s1_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-  m = s1_half @ s2 @ s1_half
-  tr_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
-  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
-
-
-def feature_stats(features) -> tuple:
-  """(mean, covariance) of (N, D) features, with N - 1 in the covariance as pytorch-fid."""
-  f = np.asarray(features, np.float64)
-  return f.mean(0), np.cov(f, rowvar=False)
