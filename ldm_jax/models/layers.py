@@ -22,7 +22,9 @@ PyTorch names.
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 Axes = Sequence[Optional[str]]
 _lecun = nn.initializers.lecun_normal()
@@ -42,6 +44,45 @@ def Dense(features: int, *, axes: Axes = ("embed", "mlp"), use_bias: bool = True
                   bias_init=_part(_zeros, (axes[-1],)), name=name)
 
 
+# On the CPU a convolution whose GEMM has at most this many rows (batch x output
+# pixels) runs as an explicit im2col matmul; bench/README.md has the measurements.
+IM2COL_MAX_ROWS = 256
+_NHWC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv2d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+           dimension_numbers=None, feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for NHWC x HWIO, as `nn.Conv` calls it.
+
+  On the CPU, XLA's convolution runs small output maps slowly (a 3x3 conv on a
+  2x2 map at 1-2 GFLOP/s, 20-40x below a matmul of the same work; on SD's 8x8 and
+  4x4 maps at batch 1 2-2.6x below), so a convolution of few GEMM rows becomes the
+  matmul of its shifted windows (im2col); larger ones, and every other backend
+  (cuDNN), keep XLA's convolution. A 1x1 convolution is a matmul at any size.
+  """
+  conv = lambda: lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision)
+  plain = (dimension_numbers == _NHWC and feature_group_count == 1 and not isinstance(padding, str)
+           and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ())))
+  if not plain or jax.default_backend() != "cpu":
+    return conv()
+  kh, kw, c, o = rhs.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = window_strides, padding
+  b, h, w, _ = lhs.shape
+  oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+  if kh * kw > 1 and b * oh * ow > IM2COL_MAX_ROWS:
+    return conv()
+  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  cols = [x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+  cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+  y = jnp.dot(cols.reshape(b * oh * ow, kh * kw * c), rhs.reshape(kh * kw * c, o),
+              precision=precision)
+  return y.reshape(b, oh, ow, o)
+
+
 def Conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding=1,
          axes: Axes = (None, None, "embed", "mlp"), use_bias: bool = True, dtype=None,
          kernel_init=_lecun, name: Optional[str] = None) -> nn.Conv:
@@ -50,6 +91,7 @@ def Conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding=1,
     padding = ((padding, padding), (padding, padding))
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                 conv_general_dilated=conv2d,
                  kernel_init=_part(kernel_init, axes),
                  bias_init=_part(_zeros, (axes[-1],)), name=name)
 
