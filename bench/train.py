@@ -123,11 +123,11 @@ def bench_sd(args, peak, impl="auto"):
   import jax
   import jax.numpy as jnp
   from ldm_jax import config_lib, parallel
-  from ldm_jax.models import attention
   from ldm_jax.models import unet as unet_lib
 
   kw = unet_lib.preset("sd15")
   kw["dtype"] = jnp.bfloat16 if args.dtype == "bfloat16" else None
+  kw["attention"] = impl
   unet = unet_lib.UNetModel(**kw)
   spine = config_lib.spine(batch_size=args.sd_batch)
   mesh = parallel.make_mesh(spine)
@@ -177,7 +177,7 @@ def bench_sd(args, peak, impl="auto"):
   eps = jax.device_put(jax.random.normal(r[1], z.shape), batch_sh)
   tt = jax.device_put(jax.random.randint(r[2], (b,), 0, 1000), batch_sh)
   ctx = jax.device_put(jax.random.normal(r[2], ctx.shape), batch_sh)
-  with parallel.activate(mesh, rules), attention.implementation(impl):
+  with parallel.activate(mesh, rules):
     compiled, compile_s = common.compile_timed(fwd_bwd, params, z0, tt, ctx, eps)
   # Compiled ahead of time, so the first call runs no compiler: no warm-up call,
   # which at ~25 s a step on 2 cores is what keeps the default run short.
