@@ -108,7 +108,7 @@ class Encoder(nn.Module):
       res = res if last else res // 2
     h = MidBlock(self.dropout, deterministic=self.deterministic, remat=self.remat,
                  name="mid_block", **kw)(h)
-    h = nn.swish(layers.GroupNorm(self.norm_groups, name="conv_norm_out")(h)).astype(h.dtype)
+    h = layers.GroupNorm(self.norm_groups, silu=True, name="conv_norm_out")(h).astype(h.dtype)
     out = self.z_channels * (2 if self.double_z else 1)
     return layers.Conv(out, 3, dtype=self.dtype, name="conv_out")(h)
 
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
                 resample=None if last else "up", dropout=self.dropout, remat=self.remat,
                 deterministic=self.deterministic, name=f"up_blocks_{i}", **kw)(h)
       res = res if last else res * 2
-    feats = nn.swish(layers.GroupNorm(self.norm_groups, name="conv_norm_out")(h)).astype(h.dtype)
+    feats = layers.GroupNorm(self.norm_groups, silu=True, name="conv_norm_out")(h).astype(h.dtype)
     x_hat = layers.Conv(self.out_ch, 3, dtype=self.dtype, name="conv_out")(feats).astype(jnp.float32)
     return (x_hat, feats) if return_features else x_hat
 

@@ -14,11 +14,14 @@ Logical names:
   norm   -- norm scales / biases (replicated)
 Activations use: batch, length, height, width, channels.
 
-The factories return ordinary `nn.Dense` / `nn.Conv` / `nn.GroupNorm` /
-`nn.LayerNorm` / `nn.Embed` modules, so parameter trees keep flax's leaf names
-(`kernel`, `bias`, `scale`, `embedding`), which `ldm_jax.models.convert` maps to
-PyTorch names.
+The factories return ordinary `nn.Dense` / `nn.Conv` / `nn.LayerNorm` / `nn.Embed`
+modules and a GroupNorm with flax's parameter names, so parameter trees keep flax's
+leaf names (`kernel`, `bias`, `scale`, `embedding`), which `ldm_jax.models.convert`
+maps to PyTorch names. Two pieces are written for the CPU's sake (bench/README.md):
+`conv2d` runs small convolutions as matmuls, `group_norm` fuses GroupNorm and SiLU
+with a hand-written backward pass.
 """
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -96,13 +99,92 @@ def Conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding=1,
                  bias_init=_part(_zeros, (axes[-1],)), name=name)
 
 
-def GroupNorm(num_groups: int = 32, *, epsilon: float = 1e-6, dtype=None,
-              name: Optional[str] = None) -> nn.GroupNorm:
-  """GroupNorm computed in f32 whatever the compute dtype (it is a reduction)."""
+def _gn_stats(x, groups: int, eps: float):
+  """Per-(example, group) mean and 1/std of (B, ..., C) float32 `x` (one pass: E[x], E[x^2])."""
+  xg = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+  mean = jnp.mean(xg, axis=(1, 3))
+  var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+  return mean, lax.rsqrt(var + eps)
+
+
+def _per_channel(v, x):
+  """(B, G) -> (B, 1, ..., 1, C), each group's value repeated over its channels."""
+  v = jnp.repeat(v, x.shape[-1] // v.shape[1], axis=1)
+  return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[1],))
+
+
+def _gn_apply(x, mean, rstd, scale, bias, silu: bool):
+  """(x_hat, u, y): the normalised input, its affine map and the output."""
+  xhat = (x - _per_channel(mean, x)) * _per_channel(rstd, x)
+  u = xhat * scale + bias
+  return xhat, u, (u * jax.nn.sigmoid(u) if silu else u)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, scale, bias, groups: int, eps: float, silu: bool = False):
+  """GroupNorm of (B, ..., C) `x` over (spatial, C / groups) in float32, then SiLU if
+  `silu`; returns float32.
+
+  The statistics take one pass over x (E[x] and E[x^2], as flax's fast variance) and
+  normalisation, scale, bias and SiLU another. The backward pass is written out: it
+  recomputes x_hat from x and the two statistics and needs two passes over the
+  activations (the per-group means of dx_hat and dx_hat * x_hat, then dx), where
+  differentiating the forward ops keeps x - mean, x_hat and the SiLU's input as
+  separate tensors and reduces over each.
+  """
+  x = x.astype(jnp.float32)
+  mean, rstd = _gn_stats(x, groups, eps)
+  return _gn_apply(x, mean, rstd, scale, bias, silu)[2]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, silu):
+  x32 = x.astype(jnp.float32)
+  mean, rstd = _gn_stats(x32, groups, eps)
+  return _gn_apply(x32, mean, rstd, scale, bias, silu)[2], (x, mean, rstd, scale, bias)
+
+
+def _group_norm_bwd(groups, eps, silu, res, g):
+  del eps
+  x, mean, rstd, scale, bias = res
+  xhat, u, _ = _gn_apply(x.astype(jnp.float32), mean, rstd, scale, bias, silu)
+  if silu:
+    s = jax.nn.sigmoid(u)
+    g = g * (s * (1 + u * (1 - s)))
+  axes = tuple(range(x.ndim - 1))
+  dscale, dbias = jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)
+  dxhat = g * scale
+  grouped = lambda a: a.reshape(a.shape[0], -1, groups, a.shape[-1] // groups)
+  m1 = jnp.mean(grouped(dxhat), axis=(1, 3))
+  m2 = jnp.mean(grouped(dxhat * xhat), axis=(1, 3))
+  dx = _per_channel(rstd, x) * (dxhat - _per_channel(m1, x) - xhat * _per_channel(m2, x))
+  return dx.astype(x.dtype), dscale, dbias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class _GroupNorm(nn.Module):
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  silu: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}")
+    scale = self.param("scale", _part(_ones, ("norm",)), (c,), jnp.float32)
+    bias = self.param("bias", _part(_zeros, ("norm",)), (c,), jnp.float32)
+    return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu)
+
+
+def GroupNorm(num_groups: int = 32, *, epsilon: float = 1e-6, silu: bool = False, dtype=None,
+              name: Optional[str] = None) -> nn.Module:
+  """GroupNorm (params `scale`, `bias`, as flax's) computed and returned in f32 whatever
+  the compute dtype (it is a reduction), with the SiLU that follows it in the same pass
+  if `silu` (`group_norm`)."""
   del dtype  # statistics in f32 are what keeps bf16 training stable
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
-                      param_dtype=jnp.float32, scale_init=_part(_ones, ("norm",)),
-                      bias_init=_part(_zeros, ("norm",)), name=name)
+  return _GroupNorm(num_groups, epsilon, silu, name=name)
 
 
 def LayerNorm(*, epsilon: float = 1e-5, use_bias: bool = True, dtype=None,

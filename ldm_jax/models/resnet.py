@@ -49,8 +49,9 @@ class ResnetBlock2D(nn.Module):
     dtype = self.dtype or x.dtype
     conv = lambda name, k=3, init=nn.initializers.lecun_normal(): layers.Conv(
         self.out_channels, k, padding=k // 2, dtype=self.dtype, kernel_init=init, name=name)
-    norm = lambda name: layers.GroupNorm(self.num_groups, epsilon=self.epsilon, name=name)
-    h = nn.silu(norm("norm1")(x))
+    norm = lambda name, silu=True: layers.GroupNorm(self.num_groups, epsilon=self.epsilon,
+                                                    silu=silu, name=name)
+    h = norm("norm1")(x)
     if self.up:  # nearest-neighbour 2x, as diffusers Upsample2D(use_conv=False)
       h, x = (jnp.repeat(jnp.repeat(a, 2, 1), 2, 2) for a in (h, x))
     if self.down:  # 2x2 average pooling, as Downsample2D(use_conv=False)
@@ -63,10 +64,10 @@ class ResnetBlock2D(nn.Module):
       e = layers.Dense(n, dtype=self.dtype, name="time_emb_proj")(nn.silu(emb))[:, None, None, :]
       if self.use_scale_shift_norm:
         scale, shift = jnp.split(e, 2, axis=-1)
-        h = norm("norm2")(h) * (1 + scale) + shift
+        h = nn.silu(norm("norm2", silu=False)(h) * (1 + scale) + shift)
       else:
         h = norm("norm2")(h + e)
-    h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0)(nn.silu(h))
+    h = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0)(h)
     init = layers.zeros_init() if self.zero_out else nn.initializers.lecun_normal()
     h = conv("conv2", init=init)(h.astype(dtype))
     if x.shape[-1] != self.out_channels:

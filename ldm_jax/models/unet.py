@@ -313,7 +313,7 @@ class UNetModel(nn.Module):
       h = UpBlock(self.channel_mult[i] * mc, self.num_res_blocks + 1,
                   2 ** i in self.attention_resolutions, i > 0, self.resblock_updown, cfg,
                   name=f"up_blocks_{k}")(h, skips, emb, context, train)
-    h = nn.silu(layers.GroupNorm(self.norm_num_groups, epsilon=1e-5, name="conv_norm_out")(h))
+    h = layers.GroupNorm(self.norm_num_groups, epsilon=1e-5, silu=True, name="conv_norm_out")(h)
     # The output conv starts at zero (as the reference), so training starts from eps = 0.
     h = layers.Conv(self.out_channels * p * p, 3, dtype=self.dtype,
                     kernel_init=layers.zeros_init(), name="conv_out")(h.astype(self.dtype or h.dtype))
