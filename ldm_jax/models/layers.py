@@ -99,11 +99,22 @@ def Conv(features: int, kernel_size: int = 3, *, strides: int = 1, padding=1,
                  bias_init=_part(_zeros, (axes[-1],)), name=name)
 
 
+def _group_mean(a, groups: int):
+  """(B, ..., C) -> (B, groups): the mean over each example's group of channels.
+
+  Channel sums first, then the groups: XLA's CPU reduction over the contiguous
+  channel rows runs 3-6x faster than one over the strided (positions, channels in
+  group) axes of a (B, N, G, C/G) view.
+  """
+  b, c = a.shape[0], a.shape[-1]
+  per_channel = jnp.sum(a.reshape(b, -1, c), axis=1)
+  return per_channel.reshape(b, groups, c // groups).sum(-1) / (a.size // (b * groups))
+
+
 def _gn_stats(x, groups: int, eps: float):
   """Per-(example, group) mean and 1/std of (B, ..., C) float32 `x` (one pass: E[x], E[x^2])."""
-  xg = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
-  mean = jnp.mean(xg, axis=(1, 3))
-  var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+  mean = _group_mean(x, groups)
+  var = jnp.maximum(_group_mean(jnp.square(x), groups) - jnp.square(mean), 0.0)
   return mean, lax.rsqrt(var + eps)
 
 
@@ -153,9 +164,7 @@ def _group_norm_bwd(groups, eps, silu, res, g):
   axes = tuple(range(x.ndim - 1))
   dscale, dbias = jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)
   dxhat = g * scale
-  grouped = lambda a: a.reshape(a.shape[0], -1, groups, a.shape[-1] // groups)
-  m1 = jnp.mean(grouped(dxhat), axis=(1, 3))
-  m2 = jnp.mean(grouped(dxhat * xhat), axis=(1, 3))
+  m1, m2 = _group_mean(dxhat, groups), _group_mean(dxhat * xhat, groups)
   dx = _per_channel(rstd, x) * (dxhat - _per_channel(m1, x) - xhat * _per_channel(m2, x))
   return dx.astype(x.dtype), dscale, dbias
 
