@@ -1,14 +1,14 @@
-"""The attention kernels side by side: XLA's and cuDNN flash attention.
+"""The attention kernels side by side: XLA's, the explicit heads-major form and cuDNN's.
 
   python bench/attention.py                  # SD-1.x / SD-2.x attention shapes, bf16
   python bench/attention.py --batch 1 --dtype float32
 
 For each shape (batch, query tokens, key tokens, heads x head size) it times
-`multi_head_attention` forward + backward under `attention.implementation(K)` for
-K = xla, cudnn and auto, and prints the largest difference of the output and of
+`multi_head_attention` forward + backward with `implementation=K` for K = xla,
+explicit, cudnn and auto, and prints the largest difference of the output and of
 dq from a float32 XLA reference, scaled by that reference's largest value. cuDNN
 runs only on a GPU (bf16/fp16); elsewhere its rows say why it did not run, and
-auto is the XLA kernel.
+auto is the explicit form.
 """
 import argparse
 import os
@@ -54,19 +54,18 @@ def main(argv=None):
     v = jax.random.normal(kv, (args.batch, m, heads * d))
     g = jax.random.normal(kg, (args.batch, n, heads * d))
 
-    def fwd_bwd(q, k, v, dt):
-      o, vjp = jax.vjp(lambda q: attention.multi_head_attention(q, k, v, heads, dtype=dt), q)
+    def fwd_bwd(q, k, v, dt, impl):
+      o, vjp = jax.vjp(lambda q: attention.multi_head_attention(
+          q, k, v, heads, dtype=dt, implementation=impl), q)
       return o, vjp(g.astype(o.dtype))[0]
 
-    with attention.implementation("xla"):
-      ref_o, ref_dq = jax.jit(lambda q, k, v: fwd_bwd(q, k, v, jnp.float32))(q, k, v)
+    ref_o, ref_dq = jax.jit(lambda q, k, v: fwd_bwd(q, k, v, jnp.float32, "xla"))(q, k, v)
     scale_o, scale_dq = float(jnp.abs(ref_o).max()), float(jnp.abs(ref_dq).max())
     base = None
-    for impl in ("xla", "cudnn", "auto"):
+    for impl in ("xla", "explicit", "cudnn", "auto"):
       try:
-        with attention.implementation(impl):
-          compiled, compile_s = common.compile_timed(
-              jax.jit(lambda q, k, v: fwd_bwd(q, k, v, dtype)), q, k, v)
+        compiled, compile_s = common.compile_timed(
+            jax.jit(lambda q, k, v: fwd_bwd(q, k, v, dtype, impl)), q, k, v)
         o, dq = compiled(q, k, v)
       except Exception as e:  # cuDNN off a GPU, or shapes it refuses
         notes.append(f"{name}, {impl}: did not run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

@@ -102,6 +102,46 @@ def memory_of(compiled) -> dict:
                         m.temp_size_in_bytes - m.alias_size_in_bytes))
 
 
+def hash_params(init: Callable, *, out_shardings=None):
+  """Parameters of the shapes `init()` returns, filled by a hash of the index.
+
+  Values do not change the speed, so the benches need no real init: flax's (threefry,
+  truncated normal over SD's 860M values) took ~100 s on 2 CPU cores, XLA's
+  RngBitGenerator ~60 s; a multiplicative hash of the index, scaled as LeCun-uniform,
+  ~25 s (mostly writing 3.4 GB).
+
+  Args:
+    init: a zero-argument function returning a (possibly logically boxed) tree;
+      only its shapes are used (jax.eval_shape).
+    out_shardings: shardings of the result (None: the default device).
+  """
+  import math
+  from ldm_jax import parallel
+  abstract = parallel.unbox(jax.eval_shape(init))
+
+  def fill():
+    def leaf(i, a):
+      fan_in = math.prod(a.shape[:-1]) if len(a.shape) > 1 else 1
+      h = (jax.lax.iota(jnp.uint32, math.prod(a.shape)) + jnp.uint32(7919 * i)) * \
+          jnp.uint32(2654435761)                                    # Knuth's hash, mod 2^32
+      u = (h >> 8).astype(jnp.float32) * 2.0 ** -23 - 1.0           # in [-1, 1)
+      return (u * math.sqrt(3.0 / fan_in)).reshape(a.shape).astype(a.dtype)
+    leaves, treedef = jax.tree.flatten(abstract)
+    return jax.tree.unflatten(treedef, [leaf(i, a) for i, a in enumerate(leaves)])
+
+  return jax.block_until_ready(jax.jit(fill, out_shardings=out_shardings)())
+
+
+def flax_group_norm(num_groups=32, *, epsilon=1e-6, silu=False, dtype=None, name=None):
+  """A stand-in for `layers.GroupNorm` built of flax's nn.GroupNorm with the SiLU after
+  it, both differentiated by JAX: what the fused `layers.group_norm` replaced (the
+  benches' 'norm=flax' knob assigns it to `layers.GroupNorm` before tracing)."""
+  import flax.linen as nn
+  del dtype
+  gn = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32, name=name)
+  return (lambda x: nn.silu(gn(x))) if silu else gn
+
+
 def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
   """The machine's measured matmul rate in FLOP/s, the denominator of MFU.
 

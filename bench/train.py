@@ -4,19 +4,25 @@
   python bench/train.py --skip_sd --steps 20  # tiny only, more timed steps
   python bench/train.py --devices 8           # 8 fake CPU devices (same cores, data-parallel mesh)
   python bench/train.py --compare_devices 1,2  # tiny step on 1 and on 2 CPU devices, and the ratio
+  python bench/train.py --skip_tiny --dtype bfloat16 --sd_latent 64 --sd_batch 8 --sd_optimizer \
+      --sd_variants default,cast_once,attention=xla,remat,batch=16   # on a GPU (bench/gpu.sh)
 
 (a) tiny txt2img: the whole `LDMTask.update` (first-stage encode, tau(y), UNet
     forward + backward, AdamW, EMA), jitted with the shardings the training loop uses
     (`parallel.create_sharded`, batch over data x fsdp, state donated); then the same
     step on batches from the latent cache (`stage2.latent_cache`: no encoder), and the ratio.
 (b) sd15: the Stable Diffusion 1.x UNet (860M parameters) at a 32x32 latent, forward +
-    backward of the eps loss only (no optimizer: two AdamW moments would add 7 GB).
+    backward of the eps loss (with --sd_optimizer also AdamW and the EMA, as stage 2
+    trains: on a CPU host the two moments would add 7 GB); one row per --sd_variants
+    entry, each a set of knobs ('+'-joined) over the flags' settings.
 
-MFU = XLA's FLOPs of one step (`compiled.cost_analysis()`) x steps/s / the measured
-matmul peak (`common.measure_matmul_peak`), both per device.
+MFU = the model FLOPs of one step x steps/s / the measured matmul peak
+(`common.measure_matmul_peak`), per device. The FLOPs are analytic (`ldm_jax.flops`,
+checked against torch's FlopCounterMode): (a) counts the frozen encoder's forward,
+tau(y)'s forward and backward and the UNet's; (b) the UNet's. XLA's own count
+(`cost_analysis()`, which on a GPU misses the work inside cuDNN calls) is printed beside.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -37,8 +43,15 @@ def parse_args(argv=None):
   p.add_argument("--sd_latent", type=int, default=32, help="sd15: latent side (64 = 512 px)")
   p.add_argument("--sd_steps", type=int, default=2, help="sd15: timed steps (no warm-up: compiled ahead of time)")
   p.add_argument("--sd_attention", default="auto",
-                 help="sd15: comma list of attention kernels (auto, xla, cudnn); one row each, "
-                      "timed against the first; with xla listed, every row's MFU uses its FLOPs")
+                 help="sd15: the attention kernel (auto, explicit, xla, cudnn)")
+  p.add_argument("--sd_preset", default="sd15", help="UNet preset of (b) (tiny: a smoke test)")
+  p.add_argument("--sd_optimizer", action="store_true",
+                 help="sd15: the step also runs AdamW and the EMA update (stage 2's step)")
+  p.add_argument("--sd_variants", default="default",
+                 help="sd15: comma list of rows, each 'default' or knobs joined by '+': "
+                      "cast_once (bf16 kernels cast once per step), attention=K, remat, "
+                      "batch=N, norm=flax (flax's GroupNorm + SiLU instead of the fused "
+                      "layers.group_norm); speeds are against the first row")
   p.add_argument("--peak_n", type=int, default=2048, help="side of the peak-matmul operands")
   p.add_argument("--data_batches", type=int, default=5,
                  help="batches read to time the data pipeline (0 = skip)")
@@ -116,87 +129,141 @@ def bench_tiny(args, peak, latent=False):
   n_params = sum(x.size for x in jax.tree.leaves(holder[0]["params"]))
   what = "update, latent cache" if latent else "update"
   return _row(f"tiny txt2img ({n_params / 1e6:.1f}M)", what, c.batch_size, compiled,
-              compile_s, t, peak, mesh.size)
+              compile_s, t, peak, mesh.size, update_flops(task, c.batch_size, latent))
 
 
-def bench_sd(args, peak, impl="auto"):
+def update_flops(task, batch: int, latent: bool) -> float:
+  """Analytic FLOPs of one `LDMTask.update` of `batch` examples: the frozen first
+  stage's encoder forward (none from the latent cache), tau(y) forward (+ backward when
+  trained jointly) and the UNet forward + backward."""
+  from ldm_jax import flops
+  hw, res = task.latent_hw, task.latent_hw * task.first.factor
+  total = 0.0 if latent else flops.encoder(task.first.model, batch, res, res).forward()
+  length = None
+  if task.cond.context == "text":
+    length = task.cond.tokenizer.max_length
+    tau = flops.text_encoder(task.cond.text_model, batch, length)
+    total += tau.train() if task.cond.text_trainable else tau.forward()
+  return total + flops.unet(task.unet, batch, hw, hw, length,
+                            context_grad=task.cond.context == "text" and task.cond.text_trainable
+                            ).train()
+
+
+def sd_knobs(variant: str, args) -> dict:
+  """The settings of one --sd_variants entry over the flags' settings."""
+  knobs = dict(attention=args.sd_attention, cast_once=False, remat=False, batch=args.sd_batch,
+               norm="fused")
+  for k in ([] if variant == "default" else variant.split("+")):
+    key, _, value = k.partition("=")
+    if key not in knobs:
+      raise SystemExit(f"--sd_variants: unknown knob {key!r} in {variant!r}; known: {list(knobs)}")
+    knobs[key] = int(value) if key == "batch" else value if key in ("attention", "norm") else True
+  return knobs
+
+
+def sd_params(args):
+  """(UNet kwargs, hash-filled parameters, shardings, mesh, rules) of the --sd_preset UNet."""
   import jax
   import jax.numpy as jnp
   from ldm_jax import config_lib, parallel
-  from ldm_jax.models import attention
   from ldm_jax.models import unet as unet_lib
-
-  kw = unet_lib.preset("sd15")
+  kw = unet_lib.preset(args.sd_preset)
   kw["dtype"] = jnp.bfloat16 if args.dtype == "bfloat16" else None
-  unet = unet_lib.UNetModel(**kw)
   spine = config_lib.spine(batch_size=args.sd_batch)
-  mesh = parallel.make_mesh(spine)
-  rules = parallel.rules_of(spine)
-  b, s = args.sd_batch, args.sd_latent
-  z = jnp.zeros((b, s, s, 4))
-  t = jnp.zeros((b,), jnp.int32)
-  ctx = jnp.zeros((b, 77, kw["context_dim"]))
-
-  # Values do not change the speed, so no real init: flax's (threefry, truncated
-  # normal over 860M values) took ~100 s on 2 CPU cores, XLA's RngBitGenerator
-  # ~60 s; a multiplicative hash of the index, scaled as LeCun-uniform, ~25 s (mostly
-  # writing 3.4 GB).
-  t0 = time.perf_counter()
-  init = lambda r: unet.init(r, z, t, ctx)
+  mesh, rules = parallel.make_mesh(spine), parallel.rules_of(spine)
+  s = args.sd_latent
+  z, t, ctx = jnp.zeros((1, s, s, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 77, kw["context_dim"]))
+  init = lambda: unet_lib.UNetModel(**kw).init(jax.random.key(0), z, t, ctx)
   with parallel.activate(mesh, rules):
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, rules)
-  abstract = parallel.unbox(abstract)
-
-  def fill():
-    def leaf(i, a):
-      fan_in = math.prod(a.shape[:-1]) if len(a.shape) > 1 else 1
-      h = (jax.lax.iota(jnp.uint32, math.prod(a.shape)) + jnp.uint32(7919 * i)) * \
-          jnp.uint32(2654435761)                                    # Knuth's hash, mod 2^32
-      u = (h >> 8).astype(jnp.float32) * 2.0 ** -23 - 1.0           # in [-1, 1)
-      return (u * math.sqrt(3.0 / fan_in)).reshape(a.shape).astype(a.dtype)
-    leaves, treedef = jax.tree.flatten(abstract)
-    return jax.tree.unflatten(treedef, [leaf(i, a) for i, a in enumerate(leaves)])
-
-  params = jax.jit(fill, out_shardings=shardings)()
-  jax.block_until_ready(params)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"sd15: {n_params / 1e6:.0f}M parameters initialised in {time.perf_counter() - t0:.0f} s",
+    shardings = parallel.state_shardings(jax.eval_shape(init), mesh, rules)
+  t0 = time.perf_counter()
+  params = common.hash_params(init, out_shardings=shardings)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  print(f"{args.sd_preset}: {n / 1e6:.0f}M parameters initialised in {time.perf_counter() - t0:.0f} s",
         flush=True)
+  return kw, params, shardings, mesh, rules
+
+
+def bench_sd(args, peak, variant, built):
+  """(b): one --sd_variants row; `built` is sd_params()."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from ldm_jax import flops, parallel
+  from ldm_jax.models import layers, unet as unet_lib
+  from ldm_jax.training import ldm, step as step_lib
+
+  kw, params, shardings, mesh, rules = built
+  knobs = sd_knobs(variant, args)
+  unet = unet_lib.UNetModel(**dict(kw, attention=knobs["attention"], remat=knobs["remat"]))
+  b, s = knobs["batch"], args.sd_latent
+  tx = optax.adamw(1e-5)
 
   def loss(p, z0, t, ctx, eps):
+    if knobs["cast_once"] and unet.dtype is not None:
+      p = step_lib.cast_kernels(p, unet.dtype)
     z_t = 0.9 * z0 + 0.4 * eps   # the schedule's arithmetic is negligible next to the UNet
     return jnp.mean(jnp.square(unet.apply(p, z_t, t, ctx) - eps))
 
+  def train_step(state, z0, t, ctx, eps):
+    value, grads = jax.value_and_grad(loss)(state["params"], z0, t, ctx, eps)
+    if not args.sd_optimizer:
+      return dict(state, params=grads), value  # gradients out: nothing is dead code
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    new = optax.apply_updates(state["params"], updates)
+    ema = ldm.ema_update(state["ema"], new, 0.9999, state["step"])
+    return dict(params=new, opt=opt, ema=ema, step=state["step"] + 1), value
+
+  state = dict(params=params)
+  if args.sd_optimizer:
+    state.update(opt=jax.jit(tx.init)(params), ema=jax.tree.map(jnp.copy, params),
+                 step=jnp.zeros((), jnp.int32))
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
   batch_sh = parallel.batch_sharding(mesh) if b % parallel.data_parallel_size(mesh) == 0 \
       else parallel.replicated(mesh)
-  fwd_bwd = jax.jit(jax.value_and_grad(loss),
-                    in_shardings=(shardings,) + (batch_sh,) * 4, out_shardings=(None, shardings))
   r = jax.random.split(jax.random.key(1), 3)
-  z0 = jax.device_put(jax.random.normal(r[0], z.shape), batch_sh)
-  eps = jax.device_put(jax.random.normal(r[1], z.shape), batch_sh)
+  z0 = jax.device_put(jax.random.normal(r[0], (b, s, s, 4)), batch_sh)
+  eps = jax.device_put(jax.random.normal(r[1], (b, s, s, 4)), batch_sh)
   tt = jax.device_put(jax.random.randint(r[2], (b,), 0, 1000), batch_sh)
-  ctx = jax.device_put(jax.random.normal(r[2], ctx.shape), batch_sh)
-  with parallel.activate(mesh, rules), attention.implementation(impl):
-    compiled, compile_s = common.compile_timed(fwd_bwd, params, z0, tt, ctx, eps)
-  # Compiled ahead of time, so the first call runs no compiler: no warm-up call,
-  # which at ~25 s a step on 2 cores is what keeps the default run short.
-  timing = common.time_calls(lambda: compiled(params, z0, tt, ctx, eps), warmup=0,
-                             repeats=args.sd_steps)
-  return _row(f"sd15 UNet ({n_params / 1e6:.0f}M) {s}x{s} latent", f"fwd+bwd, attention {impl}", b, compiled,
-              compile_s, timing, peak, mesh.size)
+  ctx = jax.device_put(jax.random.normal(r[2], (b, 77, kw["context_dim"])), batch_sh)
+  fn = jax.jit(train_step, in_shardings=(state_sh,) + (batch_sh,) * 4,
+               out_shardings=(state_sh, None), donate_argnums=0 if args.sd_optimizer else ())
+  group_norm = layers.GroupNorm
+  if knobs["norm"] == "flax":
+    layers.GroupNorm = common.flax_group_norm
+  try:
+    with parallel.activate(mesh, rules):
+      compiled, compile_s = common.compile_timed(fn, state, z0, tt, ctx, eps)
+  finally:
+    layers.GroupNorm = group_norm
+  holder = [state]
+
+  def run():
+    out, value = compiled(holder[0], z0, tt, ctx, eps)
+    if args.sd_optimizer:
+      holder[0] = out
+    return value
+  # Compiled ahead of time, so the first call runs no compiler: one warm-up call only
+  # where steps are cheap (a GPU); on a CPU an SD step takes ~25 s.
+  warmup = 1 if jax.default_backend() != "cpu" else 0
+  timing = common.time_calls(run, warmup=warmup, repeats=args.sd_steps)
+  if args.sd_optimizer:
+    built = (kw, holder[0]["params"], shardings, mesh, rules)  # donated: the next row needs them
+  model_flops = flops.unet(unet, b, s, s, 77).train()
+  what = ("fwd+bwd+AdamW+EMA" if args.sd_optimizer else "fwd+bwd") + f", {variant}"
+  row = _row(f"{args.sd_preset} UNet {s}x{s} latent", what, b, compiled, compile_s, timing, peak,
+             mesh.size, model_flops)
+  return row, built
 
 
-def _row(name, what, batch, compiled, compile_s, timing, peak, n_devices):
-  flops = common.flops_of(compiled)  # per device for an SPMD program
-  row = [name, what, batch, compile_s, timing.median, batch / timing.median]
-  return row + _rates(flops, timing.median, peak, n_devices), (name, common.memory_of(compiled))
-
-
-def _rates(flops, step_s, peak, n_devices):
-  """[GFLOP/step/dev, achieved TFLOP/s, peak TFLOP/s, MFU] of a step of `flops` per device."""
-  achieved = flops / step_s
-  return [flops / 1e9, achieved * n_devices / 1e12, peak * n_devices / 1e12, achieved / peak]
+def _row(name, what, batch, compiled, compile_s, timing, peak, n_devices, model_flops):
+  """A table row; `model_flops`: the analytic FLOPs of one step (all devices)."""
+  per_dev = model_flops / n_devices
+  achieved = per_dev / timing.median
+  row = [name, what, batch, compile_s, timing.median, batch / timing.median, per_dev / 1e9,
+         common.flops_of(compiled) / 1e9, achieved * n_devices / 1e12, peak * n_devices / 1e12,
+         achieved / peak]
+  return row, (f"{name}, {what}", common.memory_of(compiled))
 
 
 def bench_data(args, batch_size):
@@ -233,22 +300,16 @@ def main(argv=None):
     else:
       results.append(bench_tiny(args, peak, latent=True))
       ratio = results[-2][0][4] / results[-1][0][4]
-  sd_steps = []  # (attention kernel, step seconds)
+  sd_steps = []  # (variant, seconds per example)
   if not args.skip_sd:
-    sd_rows = []
-    for impl in args.sd_attention.split(","):
-      sd_rows.append(bench_sd(args, peak, impl))
-      sd_steps.append((impl, sd_rows[-1][0][4]))
-    # XLA counts no FLOPs inside a cuDNN attention kernel: the xla row's count is the
-    # model's, so every row's MFU uses it (without an xla row a cuDNN row undercounts).
-    xla_flops = [r[6] for (r, _), (impl, _) in zip(sd_rows, sd_steps) if impl == "xla"]
-    for r, _ in sd_rows:
-      if xla_flops:
-        r[6:] = _rates(xla_flops[0] * 1e9, r[4], peak, jax.device_count())
-    results += sd_rows
+    built = sd_params(args)
+    for variant in args.sd_variants.split(","):
+      row, built = bench_sd(args, peak, variant, built)
+      results.append(row)
+      sd_steps.append((variant, row[0][4] / row[0][2]))  # seconds per example
   common.print_table(
       ["config", "step", "batch", "compile s", "step s", "examples/s", "GFLOP/step/dev",
-       "achieved TFLOP/s", "peak TFLOP/s", "MFU"],
+       "XLA GFLOP/step/dev", "achieved TFLOP/s", "peak TFLOP/s", "MFU"],
       [r for r, _ in results], title=f"Stage-2 training step ({args.dtype}, {args.devices} device(s))")
   common.print_table(
       ["config", "args MiB", "out MiB", "temp MiB", "alias MiB", "total MiB"],
@@ -257,9 +318,9 @@ def main(argv=None):
       title="memory_analysis() of the compiled step, per device")
   if ratio is not None:
     print(f"\ntiny step from the latent cache: {ratio:.2f}x the step that encodes images")
-  for impl, step_s in sd_steps[1:]:
-    print(f"sd15 step with attention {impl}: {sd_steps[0][1] / step_s:.2f}x the speed "
-          f"of attention {sd_steps[0][0]}")
+  for variant, per_example in sd_steps[1:]:
+    print(f"{args.sd_preset} step {variant}: {sd_steps[0][1] / per_example:.2f}x the examples/s "
+          f"of {sd_steps[0][0]}")
   rate = bench_data(args, args.batch)
   if rate is None:
     print("\ndata pipeline: skipped (ldm_jax.data.make_iterator not present, or --data_batches 0)")

@@ -143,3 +143,17 @@ def test_preset_shapes(kind, f, z_shape, n_params):
   assert 2 ** (len(tiny["ch_mult"]) - 1) == f and tiny["z_channels"] == kw["z_channels"]
   with pytest.raises(ValueError, match="kind/f"):
     ae.preset(kind, 64)
+
+
+def test_attention_field_reaches_encoder_and_decoder():
+  # On a CPU 'cudnn' cannot run, so a model whose attention uses it fails to trace.
+  kw = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, resolution=16,
+            attn_resolutions=(8,))
+  x, z = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8, 8, 4))
+  params = _template(ae.AutoencoderKL(**kw, attention="explicit"), x)
+  if jax.default_backend() == "gpu":
+    pytest.skip("cuDNN runs on a GPU")
+  bad = ae.AutoencoderKL(**kw, attention="cudnn")
+  for method, arg in (("encode", x), ("decode", z)):
+    with pytest.raises(Exception):
+      jax.eval_shape(lambda p: bad.apply({"params": p}, arg, method=method), params)

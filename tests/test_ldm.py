@@ -1,6 +1,7 @@
 """Stage 2 on the spine: 8 devices train like 1, and bad stage-2 configs fail by name."""
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -98,3 +99,40 @@ def test_pooled_text_needs_text_and_no_classes(tmp_path):
   c.stage2.conditioning.pooled = True
   with pytest.raises(ValueError, match="conditioning.pooled"):
     LDMTask(config_lib.for_stage(c, "stage2"))
+
+
+def test_cast_params_once_changes_the_program_not_the_result(tmp_path):
+  # bfloat16: the UNet's kernels cast once before the forward pass instead of at every
+  # use. The same casts of the same weights, so a UNet's loss and gradients agree...
+  from ldm_jax.models import unet
+  from ldm_jax.training.step import cast_kernels
+  model = unet.UNetModel(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1,),
+                         num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+                         context_dim=8, norm_num_groups=8, dtype=jnp.bfloat16)
+  x, t, ctx = jnp.ones((2, 4, 4, 4)), jnp.array([3, 900]), jnp.ones((2, 3, 8))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x, t, ctx))
+  rng = np.random.default_rng(0)  # non-zero everywhere (zero-initialised output layers)
+  params = jax.tree.map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), shapes)
+  cast = cast_kernels(params, jnp.bfloat16)
+  kernel = cast["params"]["conv_in"]["kernel"]
+  assert kernel.dtype == jnp.bfloat16 and cast["params"]["conv_in"]["bias"].dtype == jnp.float32
+  loss = lambda p, once: jnp.mean(jnp.square(model.apply(
+      cast_kernels(p, jnp.bfloat16) if once else p, x, t, ctx)))
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (l0, g0), (l1, g1) = grad(params, False), grad(params, True)
+  np.testing.assert_allclose(l1, l0, rtol=1e-3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3), g1, g0)
+  # ... and stage2.cast_params_once puts the cast into the step.
+  c = _config(tmp_path, dtype="bfloat16").unlock()
+  jaxprs = []
+  for once in (False, True):
+    c.stage2.cast_params_once = once
+    task = LDMTask(config_lib.for_stage(c.lock(), "stage2"))
+    c = c.unlock()
+    state = nn.unbox(jax.eval_shape(task.init, jax.random.key(0)))  # shapes only
+    host = task.cond.fixed_batch(2)
+    host["latent"] = np.zeros((2, task.latent_hw, task.latent_hw, task.first.z_channels))
+    args = (state["params"], task.prepare_batch(host), jax.random.key(1), state["frozen"],
+            state["scale_factor"])
+    jaxprs.append(str(jax.make_jaxpr(lambda *a: task._loss(*a)[0])(*args)))
+  assert jaxprs[0] != jaxprs[1]

@@ -153,26 +153,41 @@ def test_patch_size_is_the_unet_on_space_to_depth():
 
 
 def test_attention_kernel_choice():
-  """'auto' is XLA's kernel off a GPU (cuDNN flash attention needs one and bf16/fp16);
-  a forced kernel applies inside the block only, and a misspelt one is refused."""
+  """Every kernel computes causal softmax attention per head; 'auto' is the explicit
+  heads-major form off a GPU; cuDNN needs a GPU; a misspelt kernel is refused."""
   from ldm_jax.models import attention
   q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 16)) for i in range(3))
-  run = lambda: np.asarray(jax.jit(lambda q, k, v: attention.multi_head_attention(
-      q, k, v, 2, is_causal=True))(q, k, v))
-  auto = run()
-  with attention.implementation("xla"):
-    np.testing.assert_array_equal(run(), auto)
+  run = lambda impl: np.asarray(jax.jit(lambda q, k, v: attention.multi_head_attention(
+      q, k, v, 2, is_causal=True, implementation=impl))(q, k, v))
   # Closed form: causal softmax attention per head.
   qh, kh, vh = (np.asarray(a).reshape(2, 6, 2, 8) for a in (q, k, v))
   logits = np.einsum("bnhd,bmhd->bhnm", qh, kh) / np.sqrt(8)
   logits = np.where(np.tril(np.ones((6, 6), bool)), logits, -np.inf)
   w = np.exp(logits - logits.max(-1, keepdims=True))
   ref = np.einsum("bhnm,bmhd->bnhd", w / w.sum(-1, keepdims=True), vh).reshape(2, 6, 16)
-  np.testing.assert_allclose(auto, ref, atol=1e-5)
+  for impl in ("auto", "explicit", "xla"):
+    np.testing.assert_allclose(run(impl), ref, atol=1e-5)
   if jax.default_backend() != "gpu":
-    with pytest.raises(Exception), attention.implementation("cudnn"):
-      run()
-  assert attention._implementation == "auto"
+    np.testing.assert_array_equal(run("auto"), run("explicit"))
+    with pytest.raises(Exception):
+      run("cudnn")
   with pytest.raises(ValueError, match="attention implementation"):
-    with attention.implementation("flash"):
-      pass
+    run("flash")
+
+
+def test_attention_field_reaches_every_attention():
+  """UNetModel.attention is the kernel of its cross- and self-attention blocks (on a CPU
+  'cudnn' cannot run, so a model that uses it anywhere fails); a bad name fails at init."""
+  x, t, ctx = jnp.ones((1, 4, 4, 4)), jnp.array([10]), jnp.ones((1, 3, 16))
+  for context_dim in (16, None):
+    kw = {**_TINY, "model_channels": 16, "channel_mult": (1,), "attention_resolutions": (1,),
+          "num_heads": 2, "context_dim": context_dim}
+    c = ctx if context_dim else None
+    ok = unet.UNetModel(**kw, attention="explicit")
+    jax.eval_shape(ok.init, jax.random.key(0), x, t, c)
+    if jax.default_backend() != "gpu":
+      with pytest.raises(Exception):
+        jax.eval_shape(unet.UNetModel(**kw, attention="cudnn").init, jax.random.key(0), x, t, c)
+  with pytest.raises(ValueError, match="UNetModel: attention implementation"):
+    unet.UNetModel(**{**_TINY, "attention": "flash"}).init(
+        jax.random.key(0), jnp.ones((1, 8, 8, 4)), t, jnp.ones((1, 3, 32)))

@@ -19,46 +19,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models import layers
+from ldm_jax.models import layers, resnet
+from ldm_jax.models.attention import AttentionBlock
 
 
-class ResnetBlock(nn.Module):
-  """GroupNorm -> swish -> conv, twice, plus a (1x1-projected) shortcut."""
-  out_channels: int
-  dropout: float = 0.0
-  norm_groups: int = 32
-  deterministic: bool = True  # a field, not a call arg, so nn.remat needs no static args
-  dtype: Optional[jnp.dtype] = None
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.swish(layers.GroupNorm(self.norm_groups, name="norm1")(x)).astype(x.dtype)
-    h = layers.Conv(self.out_channels, 3, dtype=self.dtype, name="conv1")(h)
-    h = nn.swish(layers.GroupNorm(self.norm_groups, name="norm2")(h)).astype(h.dtype)
-    h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic or self.dropout == 0)
-    h = layers.Conv(self.out_channels, 3, dtype=self.dtype, name="conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = layers.Conv(self.out_channels, 1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
-    return x + h
+def _resnet(remat: bool, out_channels: int, dropout: float, norm_groups: int, dtype, name: str):
+  """diffusers' VAE resnet: the UNet's block without a time embedding, GroupNorm eps 1e-6."""
+  return resnet.remat_if(remat)(out_channels, norm_groups, 1e-6, dropout, zero_out=False,
+                                dtype=dtype, name=name)
 
 
-class AttnBlock(nn.Module):
-  """Single-head self-attention over all positions with a residual (diffusers' VAE `Attention`)."""
-  norm_groups: int = 32
-  dtype: Optional[jnp.dtype] = None
-
-  @nn.compact
-  def __call__(self, x):
-    b, hh, ww, c = x.shape
-    h = layers.GroupNorm(self.norm_groups, name="group_norm")(x).astype(x.dtype)
-    h = h.reshape(b, hh * ww, 1, c)
-    q, k, v = (layers.Dense(c, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
-    # the softmax in f32 whatever the compute dtype (diffusers' upcast_softmax)
-    logits = jnp.einsum("bqhc,bkhc->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    w = jax.nn.softmax(logits / jnp.sqrt(c).astype(jnp.float32), axis=-1)
-    h = jnp.einsum("bhqk,bkhc->bqhc", w.astype(v.dtype), v).reshape(b, hh * ww, c)
-    h = layers.Dense(c, dtype=self.dtype, name="to_out_0")(h)
-    return x + h.reshape(b, hh, ww, c).astype(x.dtype)
+def _attn(norm_groups: int, dtype, attention: str, name: str):
+  """diffusers' VAE `Attention`: one head of all channels, GroupNorm eps 1e-6, a residual."""
+  return AttentionBlock(1, norm_groups, epsilon=1e-6, zero_out=False, dtype=dtype,
+                        implementation=attention, name=name)
 
 
 class Resample(nn.Module):
@@ -88,16 +62,15 @@ class Block(nn.Module):
   remat: bool = False
   deterministic: bool = True
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, h):
-    res_cls = nn.remat(ResnetBlock) if self.remat else ResnetBlock
-    kw = dict(norm_groups=self.norm_groups, dtype=self.dtype)
     for j in range(self.num_layers):
-      h = res_cls(self.out_channels, self.dropout, deterministic=self.deterministic,
-                  name=f"resnets_{j}", **kw)(h)
+      h = _resnet(self.remat, self.out_channels, self.dropout, self.norm_groups, self.dtype,
+                  f"resnets_{j}")(h, None, not self.deterministic)
       if self.attn:
-        h = AttnBlock(name=f"attentions_{j}", **kw)(h)
+        h = _attn(self.norm_groups, self.dtype, self.attention, f"attentions_{j}")(h)
     if self.resample:
       h = Resample(self.resample, dtype=self.dtype, name="downsamplers_0" if self.resample == "down"
                    else "upsamplers_0")(h)
@@ -116,13 +89,14 @@ class Encoder(nn.Module):
   resolution: int = 256  # the training resolution; only places the attention layers
   in_channels: int = 3
   norm_groups: int = 32
-  remat: bool = False  # rematerialise each ResnetBlock in the backward pass
+  remat: bool = False  # rematerialise each resnet in the backward pass
   deterministic: bool = True
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"  # the attention kernel (models/attention.py IMPLEMENTATIONS)
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(norm_groups=self.norm_groups, dtype=self.dtype)
+    kw = dict(norm_groups=self.norm_groups, dtype=self.dtype, attention=self.attention)
     h = layers.Conv(self.ch * self.ch_mult[0], 3, dtype=self.dtype,
                     name="conv_in")(x.astype(self.dtype or x.dtype))
     res = self.resolution
@@ -134,7 +108,7 @@ class Encoder(nn.Module):
       res = res if last else res // 2
     h = MidBlock(self.dropout, deterministic=self.deterministic, remat=self.remat,
                  name="mid_block", **kw)(h)
-    h = nn.swish(layers.GroupNorm(self.norm_groups, name="conv_norm_out")(h)).astype(h.dtype)
+    h = layers.GroupNorm(self.norm_groups, silu=True, name="conv_norm_out")(h).astype(h.dtype)
     out = self.z_channels * (2 if self.double_z else 1)
     return layers.Conv(out, 3, dtype=self.dtype, name="conv_out")(h)
 
@@ -146,15 +120,15 @@ class MidBlock(nn.Module):
   deterministic: bool = True
   remat: bool = False
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, h):
-    res_cls = nn.remat(ResnetBlock) if self.remat else ResnetBlock
-    kw = dict(norm_groups=self.norm_groups, dtype=self.dtype)
-    c = h.shape[-1]
-    h = res_cls(c, self.dropout, deterministic=self.deterministic, name="resnets_0", **kw)(h)
-    h = AttnBlock(name="attentions_0", **kw)(h)
-    return res_cls(c, self.dropout, deterministic=self.deterministic, name="resnets_1", **kw)(h)
+    c, train = h.shape[-1], not self.deterministic
+    res = lambda name: _resnet(self.remat, c, self.dropout, self.norm_groups, self.dtype, name)
+    h = res("resnets_0")(h, None, train)
+    h = _attn(self.norm_groups, self.dtype, self.attention, "attentions_0")(h)
+    return res("resnets_1")(h, None, train)
 
 
 class Decoder(nn.Module):
@@ -171,6 +145,7 @@ class Decoder(nn.Module):
   remat: bool = False
   deterministic: bool = True
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, z, return_features: bool = False):
@@ -179,7 +154,7 @@ class Decoder(nn.Module):
     The features let the adaptive GAN weight differentiate w.r.t. the last
     layer's kernel alone (`ldm_jax.training.autoencoder_losses`).
     """
-    kw = dict(norm_groups=self.norm_groups, dtype=self.dtype)
+    kw = dict(norm_groups=self.norm_groups, dtype=self.dtype, attention=self.attention)
     n = len(self.ch_mult)
     h = layers.Conv(self.ch * self.ch_mult[-1], 3, dtype=self.dtype,
                     name="conv_in")(z.astype(self.dtype or z.dtype))
@@ -192,7 +167,7 @@ class Decoder(nn.Module):
                 resample=None if last else "up", dropout=self.dropout, remat=self.remat,
                 deterministic=self.deterministic, name=f"up_blocks_{i}", **kw)(h)
       res = res if last else res * 2
-    feats = nn.swish(layers.GroupNorm(self.norm_groups, name="conv_norm_out")(h)).astype(h.dtype)
+    feats = layers.GroupNorm(self.norm_groups, silu=True, name="conv_norm_out")(h).astype(h.dtype)
     x_hat = layers.Conv(self.out_ch, 3, dtype=self.dtype, name="conv_out")(feats).astype(jnp.float32)
     return (x_hat, feats) if return_features else x_hat
 
@@ -224,7 +199,7 @@ def _enc_dec_kwargs(m):
   return dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
               attn_resolutions=tuple(m.attn_resolutions), z_channels=m.z_channels,
               dropout=m.dropout, resolution=m.resolution, norm_groups=m.norm_groups,
-              remat=m.remat, deterministic=m.deterministic, dtype=m.dtype)
+              remat=m.remat, deterministic=m.deterministic, dtype=m.dtype, attention=m.attention)
 
 
 class AutoencoderKL(nn.Module):
@@ -240,6 +215,7 @@ class AutoencoderKL(nn.Module):
   remat: bool = False
   deterministic: bool = True  # False enables dropout (needs a 'dropout' rng)
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"  # the attention kernel (models/attention.py IMPLEMENTATIONS)
 
   def setup(self):
     kw = _enc_dec_kwargs(self)
@@ -392,6 +368,7 @@ class VQModel(nn.Module):
   remat: bool = False
   deterministic: bool = True
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"
 
   def setup(self):
     kw = _enc_dec_kwargs(self)

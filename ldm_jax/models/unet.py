@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.models import layers
+from ldm_jax.models import attention, layers, resnet
 from ldm_jax.models.attention import AttentionBlock, SpatialTransformer
 
 
@@ -93,6 +93,7 @@ class BlockConfig:
   num_groups: int = 32
   remat: bool = False
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"
 
   def heads(self, ch: int) -> Tuple[int, int]:
     """(heads, dim_head) at a level of `ch` channels."""
@@ -101,53 +102,21 @@ class BlockConfig:
     return ch // self.num_head_channels, self.num_head_channels
 
 
-class ResnetBlock2D(nn.Module):
-  """Residual block with time embedding; optionally samples up or down (resblock_updown)."""
-  out_channels: int
-  cfg: BlockConfig
-  up: bool = False
-  down: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
-    cfg = self.cfg
-    conv = lambda name, k=3, init=nn.initializers.lecun_normal(): layers.Conv(
-        self.out_channels, k, padding=k // 2, dtype=cfg.dtype, kernel_init=init, name=name)
-    h = nn.silu(layers.GroupNorm(cfg.num_groups, epsilon=1e-5, name="norm1")(x))
-    if self.up:  # nearest-neighbour 2x, as diffusers Upsample2D(use_conv=False)
-      h, x = (jnp.repeat(jnp.repeat(a, 2, 1), 2, 2) for a in (h, x))
-    if self.down:  # 2x2 average pooling, as Downsample2D(use_conv=False)
-      h, x = (nn.avg_pool(a, (2, 2), (2, 2)) for a in (h, x))
-    h = conv("conv1")(h.astype(cfg.dtype or h.dtype))
-    n = 2 * self.out_channels if cfg.use_scale_shift_norm else self.out_channels
-    e = layers.Dense(n, dtype=cfg.dtype, name="time_emb_proj")(nn.silu(emb))[:, None, None, :]
-    if cfg.use_scale_shift_norm:
-      scale, shift = jnp.split(e, 2, axis=-1)
-      h = layers.GroupNorm(cfg.num_groups, epsilon=1e-5, name="norm2")(h) * (1 + scale) + shift
-    else:
-      h = layers.GroupNorm(cfg.num_groups, epsilon=1e-5, name="norm2")(h + e)
-    h = nn.Dropout(cfg.dropout, deterministic=not train)(nn.silu(h))
-    # conv2 starts at zero so a fresh block is the identity (as the reference).
-    h = conv("conv2", init=layers.zeros_init())(h.astype(cfg.dtype or h.dtype))
-    if x.shape[-1] != self.out_channels:
-      x = conv("conv_shortcut", k=1)(x)
-    return nn.with_logical_constraint(x + h, ("batch", "height", "width", "channels"))
-
-
-def _resnet(cfg: BlockConfig):
-  # train (argument 3, counting self) is a Python bool: static under remat.
-  return nn.remat(ResnetBlock2D, static_argnums=(3,)) if cfg.remat else ResnetBlock2D
+def _resnet(cfg: BlockConfig, out_channels: int, name: str, **kw):
+  return resnet.remat_if(cfg.remat)(out_channels, cfg.num_groups, 1e-5, cfg.dropout,
+                                    cfg.use_scale_shift_norm, dtype=cfg.dtype, name=name, **kw)
 
 
 def _attention(cfg: BlockConfig, ch: int, name: str):
   heads, dim_head = cfg.heads(ch)
   if not cfg.use_context:
     cls = nn.remat(AttentionBlock) if cfg.remat else AttentionBlock
-    return cls(heads, num_groups=cfg.num_groups, dtype=cfg.dtype, name=name)
+    return cls(heads, num_groups=cfg.num_groups, dtype=cfg.dtype,
+               implementation=cfg.attention, name=name)
   cls = nn.remat(SpatialTransformer) if cfg.remat else SpatialTransformer
   return cls(heads, dim_head, depth=cfg.transformer_depth,
              use_linear_projection=cfg.use_linear_in_transformer, num_groups=cfg.num_groups,
-             dtype=cfg.dtype, name=name)
+             dtype=cfg.dtype, implementation=cfg.attention, name=name)
 
 
 class DownBlock(nn.Module):
@@ -166,14 +135,13 @@ class DownBlock(nn.Module):
   def __call__(self, h, emb, context, train: bool = False):
     skips = []
     for j in range(self.num_layers):
-      h = _resnet(self.cfg)(self.out_channels, self.cfg, name=f"resnets_{j}")(h, emb, train)
+      h = _resnet(self.cfg, self.out_channels, f"resnets_{j}")(h, emb, train)
       if self.has_attention:
         h = _attention(self.cfg, self.out_channels, f"attentions_{j}")(h, context)
       skips.append(h)
     if self.add_downsample:
       if self.resblock_updown:
-        h = _resnet(self.cfg)(self.out_channels, self.cfg, down=True,
-                              name="downsamplers_0")(h, emb, train)
+        h = _resnet(self.cfg, self.out_channels, "downsamplers_0", down=True)(h, emb, train)
       else:
         h = Resample2D(self.out_channels, up=False, dtype=self.cfg.dtype,
                        name="downsamplers_0")(h)
@@ -194,13 +162,12 @@ class UpBlock(nn.Module):
   def __call__(self, h, skips, emb, context, train: bool = False):
     for j in range(self.num_layers):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
-      h = _resnet(self.cfg)(self.out_channels, self.cfg, name=f"resnets_{j}")(h, emb, train)
+      h = _resnet(self.cfg, self.out_channels, f"resnets_{j}")(h, emb, train)
       if self.has_attention:
         h = _attention(self.cfg, self.out_channels, f"attentions_{j}")(h, context)
     if self.add_upsample:
       if self.resblock_updown:
-        h = _resnet(self.cfg)(self.out_channels, self.cfg, up=True,
-                              name="upsamplers_0")(h, emb, train)
+        h = _resnet(self.cfg, self.out_channels, "upsamplers_0", up=True)(h, emb, train)
       else:
         h = Resample2D(self.out_channels, up=True, dtype=self.cfg.dtype,
                        name="upsamplers_0")(h)
@@ -214,9 +181,9 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, h, emb, context, train: bool = False):
     ch = h.shape[-1]
-    h = _resnet(self.cfg)(ch, self.cfg, name="resnets_0")(h, emb, train)
+    h = _resnet(self.cfg, ch, "resnets_0")(h, emb, train)
     h = _attention(self.cfg, ch, "attentions_0")(h, context)
-    return _resnet(self.cfg)(ch, self.cfg, name="resnets_1")(h, emb, train)
+    return _resnet(self.cfg, ch, "resnets_1")(h, emb, train)
 
 
 class UNetModel(nn.Module):
@@ -248,6 +215,9 @@ class UNetModel(nn.Module):
       coarser one does. 1 (every reference model) changes nothing.
     remat: rematerialise each resnet / attention block in the backward pass.
     dtype: compute dtype (params stay float32).
+    attention: the attention kernel, one of `attention.IMPLEMENTATIONS` ('auto':
+      cuDNN flash attention on a GPU for bf16/fp16 where cuDNN accepts the shapes,
+      XLA's kernel for the rest of a GPU's, the explicit heads-major form on a CPU).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -269,6 +239,7 @@ class UNetModel(nn.Module):
   patch_size: int = 1
   remat: bool = False
   dtype: Optional[jnp.dtype] = None
+  attention: str = "auto"
 
   def _check(self, x, context, y):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
@@ -291,6 +262,10 @@ class UNetModel(nn.Module):
                        f"(num_classes={self.num_classes!r}, y given: {y is not None})")
     if self.num_heads == -1 and self.num_head_channels == -1:
       raise ValueError("UNetModel: set num_heads or num_head_channels")
+    try:
+      attention.check_implementation(self.attention)
+    except ValueError as e:
+      raise ValueError(f"UNetModel: {e}") from None
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: Optional[jax.Array] = None,
@@ -311,7 +286,7 @@ class UNetModel(nn.Module):
     cfg = BlockConfig(self.num_heads, self.num_head_channels, self.transformer_depth,
                       self.context_dim is not None, self.use_linear_in_transformer,
                       self.use_scale_shift_norm, self.dropout, self.norm_num_groups,
-                      self.remat, self.dtype)
+                      self.remat, self.dtype, self.attention)
     mc, ted = self.model_channels, 4 * self.model_channels
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
     emb = timestep_embedding(t, mc).astype(self.dtype or jnp.float32)
@@ -338,7 +313,7 @@ class UNetModel(nn.Module):
       h = UpBlock(self.channel_mult[i] * mc, self.num_res_blocks + 1,
                   2 ** i in self.attention_resolutions, i > 0, self.resblock_updown, cfg,
                   name=f"up_blocks_{k}")(h, skips, emb, context, train)
-    h = nn.silu(layers.GroupNorm(self.norm_num_groups, epsilon=1e-5, name="conv_norm_out")(h))
+    h = layers.GroupNorm(self.norm_num_groups, epsilon=1e-5, silu=True, name="conv_norm_out")(h)
     # The output conv starts at zero (as the reference), so training starts from eps = 0.
     h = layers.Conv(self.out_channels * p * p, 3, dtype=self.dtype,
                     kernel_init=layers.zeros_init(), name="conv_out")(h.astype(self.dtype or h.dtype))
@@ -373,4 +348,5 @@ def preset(size: str) -> dict:
   """
   if size not in PRESETS:
     raise ValueError(f"unknown UNet preset size {size!r}; choose from {sorted(PRESETS)}")
-  return dict(in_channels=4, out_channels=4, norm_num_groups=32, patch_size=1, **PRESETS[size])
+  return dict(in_channels=4, out_channels=4, norm_num_groups=32, patch_size=1, attention="auto",
+              **PRESETS[size])

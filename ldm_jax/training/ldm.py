@@ -13,7 +13,7 @@ import optax
 from ldm_jax.diffusion import losses, samplers
 from ldm_jax.diffusion.schedule import make_schedule
 from ldm_jax.training import conditioning, first_stage
-from ldm_jax.training.step import Task, accumulate_gradients, lr_schedule
+from ldm_jax.training.step import Task, accumulate_gradients, cast_kernels, lr_schedule
 
 
 def ema_update(ema, params, decay, step):
@@ -125,9 +125,13 @@ class LDMTask(Task):
                             drop_prob=self.c.cond_drop, frozen_first=frozen["first_stage"],
                             scale_factor=scale_factor)
 
+    unet_params = params["unet"]
+    if self.c.get("cast_params_once") and self.dtype != jnp.float32:
+      unet_params = cast_kernels(unet_params, self.dtype)
+
     def model_fn(z_t, t):
       x = self.cond.join(z_t, cond)
-      return self.unet.apply(params["unet"], x, t, cond.get("context"), cond.get("y"), train=True,
+      return self.unet.apply(unet_params, x, t, cond.get("context"), cond.get("y"), train=True,
                              rngs={"dropout": r_dropout})
 
     per_example = losses.diffusion_loss(model_fn, z0, r_diff, self.schedule,
@@ -248,6 +252,9 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
   c.lr_decay = "constant"     # after warm-up: 'constant' (the reference) | 'cosine' (to 0 at total_steps)
   c.weight_decay = 0.0        # AdamW's decoupled weight decay
   c.grad_clip = 1.0           # the gradients' global norm is clipped to this
+  # dtype bfloat16: cast the UNet's kernels to bf16 once per step, before the forward
+  # pass, instead of at every use (step.cast_kernels; no effect in float32).
+  c.cast_params_once = False
   c.scale_factor = 0.0        # z = scale_factor * E(x); 0 = estimate 1/std(z) after stage 1
   c.first_stage_workdir = ""  # a stage-1 workdir to take the autoencoder from ("" = this run's)
   # Encode the training set once before the first step and train on the stored

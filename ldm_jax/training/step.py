@@ -94,6 +94,20 @@ def lr_schedule(peak: float, *, warmup_steps: int, total_steps: int, decay: str,
                                optax.constant_schedule(peak)], [warm])
 
 
+def cast_kernels(params, dtype):
+  """`params` with every floating leaf of 2 or more dimensions (dense and conv kernels,
+  embeddings) cast to `dtype`; norm scales and biases stay as they are.
+
+  A bfloat16 model casts its float32 master weights at every use; casting them once
+  before the forward pass gives the backward pass (and a remat's recomputation, and an
+  FSDP gather) the half-width copy instead. The gradient flows back through the cast
+  to the float32 weights, so the optimizer is unchanged.
+  """
+  def cast(x):
+    return x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+  return jax.tree.map(cast, params)
+
+
 def accumulate_gradients(loss_fn: Callable, params, batch: dict, rng, num_micro: int):
   """Mean loss, aux and gradients of `loss_fn` over `num_micro` micro-batches.
 
