@@ -52,7 +52,7 @@ def check_request(req: Request) -> None:
       raise ValueError(f"--{flag}={value}: {msg}")
 
   need(req.num >= 1, "num", req.num, "must be at least 1")
-  need(req.steps >= 1, "steps", req.steps, "must be at least 1")
+  need(req.steps is None or req.steps >= 1, "steps", req.steps, "must be at least 1")
   need(0.0 <= req.strength <= 1.0, "strength", req.strength, "must be in [0, 1]")
   need(req.eta >= 0.0, "eta", req.eta, "must be >= 0")
   need(0.0 <= req.guidance_rescale <= 1.0, "guidance_rescale", req.guidance_rescale,
@@ -207,6 +207,24 @@ def generate(task, state, mesh, config, batch: dict, *, seed: int = 0, **kw) -> 
   return np.asarray(multihost_utils.process_allgather(images, tiled=True))[:n]
 
 
+def sample_request(task, state, mesh, config, req: Request) -> tuple[np.ndarray, list]:
+  """Samples every image `req` asks for.
+
+  Returns:
+    (images (N, H, W, 3) in [-1, 1], one dict of settings per image).
+  Raises:
+    ValueError: a request the model cannot serve (before anything compiles).
+  """
+  check_request(req)
+  batch, meta = build_batch(task, config, req)
+  images = generate(task, state, mesh, config, batch, seed=req.seed, steps=meta[0]["steps"],
+                    spacing=meta[0]["timestep_spacing"], guidance=meta[0]["guidance"],
+                    sampler=req.sampler, eta=req.eta,
+                    use_ema=req.ema, height=meta[0]["height"], width=meta[0]["width"],
+                    strength=req.strength, rescale=req.guidance_rescale)
+  return images, meta
+
+
 def grid_columns(n: int, num: int) -> int:
   """Columns of a near-square grid of n images: one row per prompt (its `num`
   images) when that is as wide as tall to twice as wide, else ceil(sqrt(n))."""
@@ -227,13 +245,8 @@ def run(ckpt_dir: str, req: Request, out: str, *, step: Optional[int] = None, de
   check_request(req)
   storage.check_writable(out)
   task, state, mesh, config = loader() if loader else load(ckpt_dir, step, devices)
-  batch, meta = build_batch(task, config, req)
+  images, meta = sample_request(task, state, mesh, config, req)
   n = len(meta)
-  images = generate(task, state, mesh, config, batch, seed=req.seed, steps=meta[0]["steps"],
-                    spacing=meta[0]["timestep_spacing"], guidance=meta[0]["guidance"],
-                    sampler=req.sampler, eta=req.eta,
-                    use_ema=req.ema, height=meta[0]["height"], width=meta[0]["width"],
-                    strength=req.strength, rescale=req.guidance_rescale)
   paths = []
   if jax.process_index() == 0:
     for m, img in zip(meta, images):
