@@ -14,3 +14,11 @@ def setup_logging() -> None:
     log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False
+
+
+def progress(iterable=None, **kw):
+  """A tqdm progress bar on stderr for a long job outside the training loop (encoding
+  the latent cache, sampling for evaluation), drawn by process 0 only; kw go to tqdm."""
+  import jax
+  from tqdm import tqdm
+  return tqdm(iterable, disable=jax.process_index() != 0, **kw)

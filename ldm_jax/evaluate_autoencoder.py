@@ -39,6 +39,7 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
   import numpy as np
   from jax.experimental import multihost_utils
   from ldm_jax import data as data_lib, parallel
+  from ldm_jax.console import progress
   from ldm_jax.evaluation.image_metrics import psnr, ssim
   from ldm_jax.evaluation.fid import feature_stats, frechet_distance
 
@@ -69,7 +70,7 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
 
   from ldm_jax.data.shapes import ATTRIBUTES, classify_image
   parts = []
-  for _ in range(-(-num // batch)):
+  for _ in progress(range(-(-num // batch)), desc="round trips", unit="batch"):
     x = parallel.global_batch({"image": next(it)["image"]}, mesh)["image"]
     part = multihost_utils.process_allgather(measure(state, inc_params, x), tiled=True)
     if shapes_attrs:  # images become per-attribute matches here: only scalars are kept

@@ -11,7 +11,6 @@ degenerate features, in which distances between image distributions mean
 something. A trained checkpoint against its step-0 self would need minutes of
 training; the real / corrupted images signal test stands in for it.
 """
-import glob
 import json
 import os
 

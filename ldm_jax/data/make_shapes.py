@@ -15,6 +15,7 @@ import time
 
 from absl import app, flags
 from PIL import Image
+from tqdm import tqdm
 
 from ldm_jax import cli
 from ldm_jax.data import shapes
@@ -29,6 +30,7 @@ def write_shards(out: str, num: int, resolution: int, *, seed: int = 0, split: s
   os.makedirs(out, exist_ok=True)
   n_shards = max(1, -(-num // shard_size))
   ext = "jpg" if image_format == "jpeg" else "png"
+  bar = tqdm(total=num, desc="shapes", unit="img")
   for s in range(n_shards):
     path = os.path.join(out, f"shapes-{s:05d}.tar")
     tmp = path + ".tmp"
@@ -47,7 +49,9 @@ def write_shards(out: str, num: int, resolution: int, *, seed: int = 0, split: s
         Image.fromarray(shapes.layout_map(shapes.sample_attrs(seed, i, split), resolution)
                         ).save(seg, format="PNG")
         add_member(tar, f"{key}.seg.png", seg.getvalue())
+        bar.update()
     os.replace(tmp, path)
+  bar.close()
   return os.path.join(out, "shapes-{%05d..%05d}.tar" % (0, n_shards - 1))
 
 

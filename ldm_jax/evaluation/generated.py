@@ -9,7 +9,6 @@ once per guidance scale, a training loop can call it every so many steps.
 statistics); `Judges.load` checks everything before anything compiles.
 """
 import dataclasses
-import logging
 import os
 import time
 from typing import Optional, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ldm_jax import parallel, sampling
+from ldm_jax.console import progress
 from ldm_jax.evaluation import fid as fid_lib
 from ldm_jax.evaluation import kid as kid_lib
 from ldm_jax.evaluation.conditions import Conditions
@@ -28,7 +28,6 @@ from ldm_jax.evaluation.store import BatchStore, digest
 from ldm_jax.models import inception as inception_lib
 from ldm_jax.training import images as image_io
 
-log = logging.getLogger("ldm_jax")
 METRICS = ("fid", "kid", "is", "clip_score")
 _INCEPTION_METRICS = ("fid", "kid", "is")
 
@@ -190,7 +189,9 @@ def evaluate(task, state, mesh, config, metrics: Sequence[str], judges: Judges, 
   t0 = time.time()
   per = batch // jax.process_count()
   mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-  for b in np.flatnonzero(~done):
+  todo = np.flatnonzero(~done)
+  for b in progress(todo, desc=f"eval {name}", unit="batch", initial=num_batches - len(todo),
+                    total=num_batches):
     lo, hi = b * batch, (b + 1) * batch
     images = sample_batch(task, state, mesh, config, conditions, b, batch, seed=seed,
                           steps=steps, guidance=guidance, sampler=sampler, use_ema=use_ema)
@@ -203,7 +204,6 @@ def evaluate(task, state, mesh, config, metrics: Sequence[str], judges: Judges, 
     if b == 0 and jax.process_index() == 0:  # a look at what is being measured
       grid = image_io.grid(images[:64].astype(np.float32) / 127.5 - 1)
       image_io.save_png(grid, os.path.join(store.folder, "grid.png"))
-    log.info("eval %s: batch %d/%d", name, b + 1, num_batches)
   seconds = time.time() - t0
   res = _metrics(store, metrics, judges, num_batches, num, list(needs)) \
       if jax.process_index() == 0 else {}

@@ -35,6 +35,7 @@ def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, see
   """Samples and scores `num` held-out prompts with the stage-2 checkpoint in
   `ckpt_dir`; writes results.json and grid.png to `out` and returns the results."""
   import jax
+  from ldm_jax.console import progress
   from ldm_jax import sampling, storage
   from ldm_jax.training import images as image_io
   storage.check_writable(out)
@@ -46,7 +47,7 @@ def evaluate(ckpt_dir: str, *, num: int, steps: int, guidance, sampler: str, see
   attrs, prompts = heldout_prompts(num, seed)
   t0 = time.time()
   images = []
-  for i in range(0, num, chunk):
+  for i in progress(range(0, num, chunk), desc="prompts", unit="batch"):
     batch = task.prepare_batch({"caption": np.array(prompts[i:i + chunk], object)})
     kw = {}
     if strength < 1.0:  # img2img from the exact ground-truth drawing of each prompt

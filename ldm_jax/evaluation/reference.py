@@ -10,18 +10,16 @@ Images are read as training reads them, without augmentation: shorter side
 resized (antialiased) to `resolution`, centre crop; then as generated images,
 quantised to uint8 and resized to 299 by clean-fid's filter.
 """
-import logging
 import os
 
 import jax
 import numpy as np
 
 from ldm_jax import data as data_lib, parallel
+from ldm_jax.console import progress
 from ldm_jax.evaluation import fid as fid_lib
 from ldm_jax.evaluation.inception_features import DIM
 from ldm_jax.training import images as image_io
-
-log = logging.getLogger("ldm_jax")
 
 
 def data_config(spec: str, *, num: int, resolution: int, cache_dir: str = ""):
@@ -77,7 +75,7 @@ def make_reference(spec: str, out: str, inception, *, num: int, resolution: int,
                               process_index=jax.process_index(),
                               process_count=jax.process_count(), seed=seed)
   stats, features = fid_lib.FeatureStats(), []
-  for b in range(batches):
+  for b in progress(range(batches), desc=f"reference {spec}", unit="batch"):
     images = image_io.to_uint8(next(it)["image"])
     if getattr(it, "epoch", 0) > 0:  # the iterator began a second pass
       raise ValueError(f"--data={spec!r} holds fewer than the {batches * batch} images read "
@@ -85,7 +83,6 @@ def make_reference(spec: str, out: str, inception, *, num: int, resolution: int,
     pool3 = inception(images)["pool3"][:num - b * batch]
     stats.update(pool3)
     features.append(pool3)
-    log.info("reference %s: %d/%d images", spec, min((b + 1) * batch, num), num)
   if jax.process_index() == 0:
     fid_lib.save_reference(out, stats, np.concatenate(features), data=spec,
                            resolution=resolution, resize="clean-fid: PIL bicubic to 299 on uint8")

@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ldm_jax import config_lib, parallel, storage
+from ldm_jax.console import progress
 from ldm_jax.data import make_iterator
 from ldm_jax.data.latents import LatentShardWriter
 from ldm_jax.training.step import OnePassIterator
@@ -100,6 +101,7 @@ def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int, sour
                      "cannot be read in one pass")
   examples = it.one_epoch()
   writer = LatentShardWriter(out_dir, prefix=f"latents-p{p:03d}")
+  bar = progress(desc="latent cache", unit="img")
   while True:
     chunk = [ex for _, ex in zip(range(per_process), examples)]
     # Every process runs the sharded encoder equally often: stop when all are done.
@@ -114,6 +116,8 @@ def build(config, encode: Callable, mesh, out_dir: str, *, batch_size: int, sour
     std = None if std is None else _local_rows(std)
     for i, ex in enumerate(chunk):
       writer.add(mean[i], ex["caption"], ex["label"], None if std is None else std[i])
+    bar.update(len(chunk))
+  bar.close()
   writer.close()
   count = int(np.sum(multihost_utils.process_allgather(np.array([writer.count], np.int64))))
   stats = it.stats()
