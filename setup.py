@@ -28,7 +28,6 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "safetensors>=0.4",
-        "tokenizers>=0.19",
         "transformers>=4.40",
         "tqdm>=4.66",             # progress of the long jobs outside training (writing shards)
     ],
