@@ -59,9 +59,8 @@ def cpu_device_count(stage_configs: Sequence, cores: int) -> int:
   that every stage's `mesh` and `batch_size` (x `grad_accum`) accept.
 
   XLA's CPU runtime spreads one device's small convolutions and matmuls poorly
-  over cores; with one device per core and the batch split over `data`, the tiny
-  text-to-image run on 2 cores trains stage 1 2.4x and stage 2 1.7x faster
-  (`python bench/train.py --compare_devices 1,2` times the bare stage-2 step).
+  over cores, so one device per core with the batch split over `data` is faster
+  (`python bench/train.py --compare_devices 1,2` times it; docs/experiments.md).
   """
   for n in range(max(cores, 1), 1, -1):
     def fits(c):
