@@ -12,6 +12,8 @@ import os
 
 from absl import app, flags
 
+from ldm_jax import cli
+
 flags.DEFINE_string("workdir", None, "A training workdir (its ldm/ checkpoints are used).")
 flags.DEFINE_string("checkpoint", None, "A stage-2 checkpoints folder (instead of --workdir).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

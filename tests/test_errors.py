@@ -49,6 +49,8 @@ BAD_COMMANDS = [
     ("evaluate_autoencoder", ["--workdir={d}/w", "--num=0"], "--num"),
     ("data.make_shapes", ["--out={d}/s", "--resolution=8"], "--resolution"),
     ("data.make_shapes", ["--num=3"], "--out"),
+    ("export", ["--workdir={d}/w"], "--out"),
+    ("export", ["--workdir={d}/none", "--out={d}/o"], "no checkpoint folder"),
 ]
 
 
