@@ -114,3 +114,17 @@ def test_load_first_stage_of_a_stage1_run(tmp_path):
   x = np.random.default_rng(2).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
   ref = 0.5 * np.asarray(jax.jit(first.encode)(model_variables(state["params"]), x, None))
   np.testing.assert_allclose(ldm_jax.encode(first, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_load_pretrained_samples_and_exposes_the_sd_vae():
+  """A tiny Stable Diffusion folder (tests/sd_fixtures) through the API."""
+  pytest.importorskip("diffusers")
+  from tests import sd_fixtures
+  fx = sd_fixtures.build("sd1")
+  model = ldm_jax.load_pretrained(fx["folder"], devices=jax.devices()[:1])
+  assert model.config.stage2.sample.guidance == 7.5  # SD pipelines' default
+  hw = sd_fixtures.IMAGE
+  images = ldm_jax.sample_images(model, "a dog", steps=2, height=hw, width=hw)
+  assert images.shape == (1, hw, hw, 3) and images.dtype == np.uint8 and images.std() > 0
+  first = ldm_jax.first_stage(model)
+  assert first.scale_factor == pytest.approx(float(fx["pipe"].vae.config.scaling_factor))
