@@ -201,11 +201,13 @@ def check_filters(meta: dict, size: tuple, cfg) -> None:
     Skip: 'filtered' when a filter fails, 'bad_metadata' when a field it reads is
       not a finite number.
   """
-  if cfg.min_size:
+  if cfg.min_size or cfg.max_aspect_ratio:
     w = _meta_number(meta, "width", "original_width") or size[0]
     h = _meta_number(meta, "height", "original_height") or size[1]
-    if min(w, h) < cfg.min_size:
+    if cfg.min_size and min(w, h) < cfg.min_size:
       raise Skip("filtered", f"size {w}x{h} < min_size {cfg.min_size}")
+    if cfg.max_aspect_ratio and max(w, h) > cfg.max_aspect_ratio * min(w, h):
+      raise Skip("filtered", f"size {w}x{h}: aspect ratio > {cfg.max_aspect_ratio}")
   if cfg.min_aesthetic:
     aes = _meta_number(meta, "aesthetic", "AESTHETIC_SCORE")
     if aes is None or aes < cfg.min_aesthetic:
@@ -239,6 +241,8 @@ def read_caption(sample: dict, meta: dict, cfg, counts: dict) -> str:
       raise Skip("no_caption" if caption is None else "empty_caption",
                  sample.get("__key__", "?"))
     caption = ""
+  if cfg.min_caption_words and len(caption.split()) < cfg.min_caption_words:
+    raise Skip("filtered", f"caption {caption[:50]!r} has fewer than {cfg.min_caption_words} words")
   return caption
 
 
