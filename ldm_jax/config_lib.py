@@ -35,8 +35,9 @@ def spine(**overrides: Any) -> ml_collections.ConfigDict:
   c.grad_accum = 1                 # micro-batches per step (lax.scan inside the jitted step)
   c.dtype = "float32"              # compute dtype: float32 | bfloat16 (master weights stay f32)
   c.remat = False                  # rematerialise each block in the backward pass
-  # Mesh axes (data, fsdp, tensor), one may be -1 = the remaining devices.
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  # Mesh axes (data, fsdp, tensor), one may be -1 = the remaining devices; a tuple,
+  # so that --config.mesh="(('data', -1), ('fsdp', 2), ('tensor', 1))" overrides it.
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.dcn_mesh = ()                  # sizes across slices for multi-slice jobs, same axis order
   c.sharding_rules = [list(r) for r in parallel.DEFAULT_RULES]  # logical name -> mesh axes
   c.log_every = 50                 # console + TensorBoard scalars
