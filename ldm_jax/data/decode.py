@@ -160,16 +160,22 @@ def _meta_number(meta: dict, *keys: str):
   return None
 
 
-def read_label(meta: dict, key: str) -> int:
+def read_label(meta: dict, key: str, num_classes: int = 0) -> int:
   """The class label in json field `key` (an integer in [-1, 2**31), or its
   decimal text); -1 when `key` is '' or the field is absent.
 
+  Args:
+    num_classes: > 0 for class-conditional data: the label must be in [0, num_classes).
+
   Raises:
     Skip('bad_label'): a present label that is not such an integer (3.5, Infinity,
-      1e30, 'cat'), which would crash or silently mislabel a batch.
+      1e30, 'cat'), which would crash or silently mislabel a batch, or that is
+      outside [0, num_classes); Skip('no_label'): no label with num_classes > 0.
   """
   v = meta.get(key) if key else None
   if v is None:
+    if num_classes:
+      raise Skip("no_label", f"no json {key!r} and data.num_classes={num_classes}")
     return -1
   if isinstance(v, str):
     try:
@@ -179,6 +185,8 @@ def read_label(meta: dict, key: str) -> int:
   if (isinstance(v, bool) or not isinstance(v, (int, float))
       or (isinstance(v, float) and not v.is_integer()) or not -1 <= v < 2 ** 31):
     raise Skip("bad_label", f"json {key}={str(v)[:50]!r}")
+  if num_classes and not 0 <= v < num_classes:
+    raise Skip("bad_label", f"json {key}={int(v)} outside [0, data.num_classes={num_classes})")
   return int(v)
 
 
@@ -260,7 +268,7 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
       raise Skip("bad_latent", f"{sample.get('__key__', '?')}: shape {latent.shape}")
     caption = read_text(sample.get("txt"), counts) or ""
     meta = read_json(sample.get("json"), counts)
-    out = {"latent": latent, "caption": caption, "label": read_label(meta, cfg.label_key)}
+    out = {"latent": latent, "caption": caption, "label": read_label(meta, cfg.label_key, cfg.num_classes)}
     if "std.npy" in sample:  # the posterior's std: stage 2 draws z = latent + std * eps
       out["latent_std"] = load_npy(sample["std.npy"])
     return out
@@ -269,7 +277,7 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
     raise Skip("no_image", sample.get("__key__", "?"))
   meta = read_json(sample.get("json"), counts)
   caption = read_caption(sample, meta, cfg, counts)
-  label = read_label(meta, cfg.label_key)
+  label = read_label(meta, cfg.label_key, cfg.num_classes)
   img = decode_image(sample[ext], cfg.max_image_side, cfg.max_image_pixels)
   check_filters(meta, img.size, cfg)
   geometry = crop_geometry(img.size, cfg.resolution, cfg.crop, cfg.flip, rng)

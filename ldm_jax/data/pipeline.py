@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.caption_key = "caption"  # json field used when a sample has no .txt
   c.require_caption = True   # skip (and count) samples without a caption
   c.label_key = "label"      # json field with an int class label ('' = none)
+  c.num_classes = 0          # > 0: skip (and count) samples without a label in [0, num_classes)
   c.layout_ext = ""          # extension of a layout / semantic map beside each image, e.g. 'seg.png' ('' = none)
   c.min_size = 0             # skip images whose shorter side (json width/height or actual) is smaller
   c.max_aspect_ratio = 0.0   # skip images whose longer side is more than this times the shorter (0 = off)
