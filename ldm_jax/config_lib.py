@@ -184,6 +184,15 @@ def sibling(config_path: str, name: str):
   return module
 
 
+def config_module(name: str):
+  """The module of the shipped config file `name` (e.g. 'txt2img'), for library code
+  that builds on a recipe (Stable Diffusion's stage 2 from pretrained files)."""
+  path = config_file(os.path.join("configs", name + ".py"))
+  if not os.path.isfile(path):
+    raise ValueError(f"no config file '{name}.py' in the package or beside it")
+  return sibling(path, name)
+
+
 def data(source: str, resolution: int) -> ml_collections.ConfigDict:
   """`config.data` reading `source` (shapes | wds | tfds) at `resolution` px."""
   from ldm_jax.data import default_config
