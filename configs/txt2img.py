@@ -24,6 +24,7 @@ def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZE
   res = RESOLUTION[arg.size]
   c = config_lib.spine(batch_size={"tiny": 64, "base": 256}.get(arg.size, 2048))
   c.data = config_lib.data(arg.data, res)
+  c.data.num_classes = classes  # a sample without a usable label is skipped, not a failed step
 
   # Stage 1: the perceptual autoencoder. tiny: f=4, 8x8 latents of 32 px images;
   # base: the paper's kl-f8. SD's sizes train none: their VAE comes trained.

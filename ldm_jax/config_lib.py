@@ -35,8 +35,9 @@ def spine(**overrides: Any) -> ml_collections.ConfigDict:
   c.grad_accum = 1                 # micro-batches per step (lax.scan inside the jitted step)
   c.dtype = "float32"              # compute dtype: float32 | bfloat16 (master weights stay f32)
   c.remat = False                  # rematerialise each block in the backward pass
-  # Mesh axes (data, fsdp, tensor), one may be -1 = the remaining devices.
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  # Mesh axes (data, fsdp, tensor), one may be -1 = the remaining devices; a tuple,
+  # so that --config.mesh="(('data', -1), ('fsdp', 2), ('tensor', 1))" overrides it.
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.dcn_mesh = ()                  # sizes across slices for multi-slice jobs, same axis order
   c.sharding_rules = [list(r) for r in parallel.DEFAULT_RULES]  # logical name -> mesh axes
   c.log_every = 50                 # console + TensorBoard scalars
@@ -181,6 +182,15 @@ def sibling(config_path: str, name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def config_module(name: str):
+  """The module of the shipped config file `name` (e.g. 'txt2img'), for library code
+  that builds on a recipe (Stable Diffusion's stage 2 from pretrained files)."""
+  path = config_file(os.path.join("configs", name + ".py"))
+  if not os.path.isfile(path):
+    raise ValueError(f"no config file '{name}.py' in the package or beside it")
+  return sibling(path, name)
 
 
 def data(source: str, resolution: int) -> ml_collections.ConfigDict:

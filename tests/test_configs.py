@@ -105,7 +105,8 @@ def _leaves(d, prefix=""):
 def test_print_config_lists_every_field_with_its_comment_and_starts_no_backend(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="no_such_platform")  # a backend would fail
   out = subprocess.run([sys.executable, "-m", "ldm_jax.train", "--config=configs/txt2img.py",
-                        "--config.stage2.lr=5e-5", "--print_config"],
+                        "--config.stage2.lr=5e-5", "--print_config",
+                        "--config.mesh=(('data', -1), ('fsdp', 2), ('tensor', 1))"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.splitlines()
@@ -116,6 +117,7 @@ def test_print_config_lists_every_field_with_its_comment_and_starts_no_backend(t
   assert "stage1.total_steps = 1600  # optimizer steps of this stage" in out.stdout
   assert "stage2.conditioning.context = 'text'  # 'text' (cross-attention)" in out.stdout
   assert "stage2.unet.model_channels = 32  # base width" in out.stdout
+  assert "mesh = (('data', -1), ('fsdp', 2), ('tensor', 1))  # Mesh axes" in out.stdout
   assert not os.path.exists(tmp_path / "runs")
 
 

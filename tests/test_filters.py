@@ -1,5 +1,5 @@
-"""The LAION-style metadata filters (config.data.min_size, min_aesthetic, max_punsafe,
-max_pwatermark) through the real webdataset pipeline: exactly the samples that fail
+"""The LAION-style filters (config.data.min_size, max_aspect_ratio, min_caption_words,
+min_aesthetic, max_punsafe, max_pwatermark) through the real webdataset pipeline: exactly the samples that fail
 one are skipped, and counted."""
 import json
 
@@ -13,6 +13,7 @@ SAMPLES = {  # caption -> json metadata; the images themselves are all 20x20
     "kept, LAION's original size keys": dict(original_width=300, original_height=260,
                                              aesthetic=5.5),
     "small": dict(width=512, height=200, aesthetic=6.0),
+    "wide panorama": dict(width=1600, height=400, aesthetic=6.0),
     "nsfw": dict(width=512, height=512, punsafe=0.9, aesthetic=6.0),
     "watermarked": dict(width=512, height=512, pwatermark=0.7, aesthetic=6.0),
     "plain": dict(width=512, height=512, aesthetic=4.0),
@@ -42,12 +43,16 @@ def test_laion_filters(tmp_path):
   everything, stats = _epoch(cfg(source="wds", shards=shard, shuffle_buffer=100))
   assert everything == set(SAMPLES) and "filtered" not in stats
   c = cfg(source="wds", shards=shard, shuffle_buffer=100, min_size=256, min_aesthetic=5.0,
-          max_punsafe=0.5, max_pwatermark=0.5)
+          max_punsafe=0.5, max_pwatermark=0.5, max_aspect_ratio=3.0)
   kept, stats = _epoch(c)
   assert kept == {"kept", "kept, LAION's original size keys"}
-  assert stats["filtered"] >= 6  # 20 draws span more than 2 epochs of 8 samples
+  assert stats["filtered"] >= 7  # 20 draws span 2 epochs of 9 samples
   # each filter alone drops its own samples
-  for field, value, dropped in [("min_size", 256, {"small", "no metadata"}),  # the latter by its pixels ("max_punsafe", 0.5, {"nsfw"}),
+  for field, value, dropped in [("min_size", 256, {"small", "no metadata"}),  # the latter by its pixels
+                                ("max_aspect_ratio", 3.0, {"wide panorama"}),
+                                ("min_caption_words", 2, {"kept", "small", "nsfw", "watermarked",
+                                                          "plain", "unscored"}),
+                                ("max_punsafe", 0.5, {"nsfw"}),
                                 ("max_pwatermark", 0.5, {"watermarked"}),
                                 ("min_aesthetic", 5.0, {"plain", "unscored", "no metadata"})]:
     got, _ = _epoch(cfg(source="wds", shards=shard, shuffle_buffer=100, **{field: value}))

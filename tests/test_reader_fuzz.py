@@ -252,3 +252,17 @@ def test_data_with_no_usable_sample_is_an_error(tmp_path, why):
   assert isinstance(out.get("error"), ValueError), out
   assert "no usable sample" in str(out["error"]) and "d0.tar" in str(out["error"])
   assert sum(out["stats"].values()) >= 10  # the whole pass was counted before giving up
+
+
+def test_class_conditional_data_skips_unusable_labels(tmp_path):
+  """With data.num_classes (class-conditional runs) one sample without a label, or
+  with one past the classes, is skipped and counted instead of failing the step."""
+  raw = b"".join([
+      sample("l0", meta={"label": 0}), sample("l2", meta={"label": "2"}),
+      sample("none"), sample("neg", meta={"label": -1}), sample("past", meta={"label": 3}),
+  ]) + _END
+  (tmp_path / "cls.tar").write_bytes(raw)
+  out = run(config([str(tmp_path / "cls.tar")], num_classes=3), 2)
+  check(out, caps("l0", "l2"), {"no_label": 1, "bad_label": 2})
+  out = run(config([str(tmp_path / "cls.tar")]), 5)  # labels optional: all five, -1 for none
+  check(out, caps("l0", "l2", "none", "neg", "past"), {})

@@ -160,16 +160,22 @@ def _meta_number(meta: dict, *keys: str):
   return None
 
 
-def read_label(meta: dict, key: str) -> int:
+def read_label(meta: dict, key: str, num_classes: int = 0) -> int:
   """The class label in json field `key` (an integer in [-1, 2**31), or its
   decimal text); -1 when `key` is '' or the field is absent.
 
+  Args:
+    num_classes: > 0 for class-conditional data: the label must be in [0, num_classes).
+
   Raises:
     Skip('bad_label'): a present label that is not such an integer (3.5, Infinity,
-      1e30, 'cat'), which would crash or silently mislabel a batch.
+      1e30, 'cat'), which would crash or silently mislabel a batch, or that is
+      outside [0, num_classes); Skip('no_label'): no label with num_classes > 0.
   """
   v = meta.get(key) if key else None
   if v is None:
+    if num_classes:
+      raise Skip("no_label", f"no json {key!r} and data.num_classes={num_classes}")
     return -1
   if isinstance(v, str):
     try:
@@ -179,6 +185,8 @@ def read_label(meta: dict, key: str) -> int:
   if (isinstance(v, bool) or not isinstance(v, (int, float))
       or (isinstance(v, float) and not v.is_integer()) or not -1 <= v < 2 ** 31):
     raise Skip("bad_label", f"json {key}={str(v)[:50]!r}")
+  if num_classes and not 0 <= v < num_classes:
+    raise Skip("bad_label", f"json {key}={int(v)} outside [0, data.num_classes={num_classes})")
   return int(v)
 
 
@@ -201,11 +209,13 @@ def check_filters(meta: dict, size: tuple, cfg) -> None:
     Skip: 'filtered' when a filter fails, 'bad_metadata' when a field it reads is
       not a finite number.
   """
-  if cfg.min_size:
+  if cfg.min_size or cfg.max_aspect_ratio:
     w = _meta_number(meta, "width", "original_width") or size[0]
     h = _meta_number(meta, "height", "original_height") or size[1]
-    if min(w, h) < cfg.min_size:
+    if cfg.min_size and min(w, h) < cfg.min_size:
       raise Skip("filtered", f"size {w}x{h} < min_size {cfg.min_size}")
+    if cfg.max_aspect_ratio and max(w, h) > cfg.max_aspect_ratio * min(w, h):
+      raise Skip("filtered", f"size {w}x{h}: aspect ratio > {cfg.max_aspect_ratio}")
   if cfg.min_aesthetic:
     aes = _meta_number(meta, "aesthetic", "AESTHETIC_SCORE")
     if aes is None or aes < cfg.min_aesthetic:
@@ -239,6 +249,8 @@ def read_caption(sample: dict, meta: dict, cfg, counts: dict) -> str:
       raise Skip("no_caption" if caption is None else "empty_caption",
                  sample.get("__key__", "?"))
     caption = ""
+  if cfg.min_caption_words and len(caption.split()) < cfg.min_caption_words:
+    raise Skip("filtered", f"caption {caption[:50]!r} has fewer than {cfg.min_caption_words} words")
   return caption
 
 
@@ -256,7 +268,7 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
       raise Skip("bad_latent", f"{sample.get('__key__', '?')}: shape {latent.shape}")
     caption = read_text(sample.get("txt"), counts) or ""
     meta = read_json(sample.get("json"), counts)
-    out = {"latent": latent, "caption": caption, "label": read_label(meta, cfg.label_key)}
+    out = {"latent": latent, "caption": caption, "label": read_label(meta, cfg.label_key, cfg.num_classes)}
     if "std.npy" in sample:  # the posterior's std: stage 2 draws z = latent + std * eps
       out["latent_std"] = load_npy(sample["std.npy"])
     return out
@@ -265,7 +277,7 @@ def decode_sample(sample: dict, cfg, rng: np.random.Generator, counts: dict) -> 
     raise Skip("no_image", sample.get("__key__", "?"))
   meta = read_json(sample.get("json"), counts)
   caption = read_caption(sample, meta, cfg, counts)
-  label = read_label(meta, cfg.label_key)
+  label = read_label(meta, cfg.label_key, cfg.num_classes)
   img = decode_image(sample[ext], cfg.max_image_side, cfg.max_image_pixels)
   check_filters(meta, img.size, cfg)
   geometry = crop_geometry(img.size, cfg.resolution, cfg.crop, cfg.flip, rng)

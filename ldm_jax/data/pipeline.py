@@ -44,8 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.caption_key = "caption"  # json field used when a sample has no .txt
   c.require_caption = True   # skip (and count) samples without a caption
   c.label_key = "label"      # json field with an int class label ('' = none)
+  c.num_classes = 0          # > 0: skip (and count) samples without a label in [0, num_classes)
   c.layout_ext = ""          # extension of a layout / semantic map beside each image, e.g. 'seg.png' ('' = none)
   c.min_size = 0             # skip images whose shorter side (json width/height or actual) is smaller
+  c.max_aspect_ratio = 0.0   # skip images whose longer side is more than this times the shorter (0 = off)
+  c.min_caption_words = 0    # skip samples whose caption has fewer words (0 = off)
   c.min_aesthetic = 0.0      # skip samples whose json 'aesthetic' score is lower (0 = off)
   c.max_punsafe = 1.0        # skip samples whose json 'punsafe' is higher (1 = off)
   c.max_pwatermark = 1.0     # skip samples whose json 'pwatermark' is higher (1 = off)

@@ -68,10 +68,8 @@ def stage2_config(p: Pretrained, base=None, *, dtype: str = "float32",
   if base is None:
     from ldm_jax import config_lib
     size = "sd2" if p.text["act"] == "gelu" else "sd15"
-    # The recipe of configs/txt2img.py (shipped in the package), at SD's size.
-    txt2img = config_lib.sibling(config_lib.config_file("configs/txt2img.py"), "txt2img")
-    base = txt2img.ldm(config_lib.parse_arg(f"size={size},data=wds", size="tiny",
-                                            data="shapes"), context="text")
+    arg = config_lib.parse_arg(f"size={size},data=wds", size="tiny", data="shapes")
+    base = config_lib.config_module("txt2img").ldm(arg, context="text")
     base.stage2.sample.guidance = 7.5  # Stable Diffusion's pipelines' default
   config = apply(base, config_overrides(p, text_trainable=text_trainable))
   config.dtype = dtype
