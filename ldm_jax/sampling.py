@@ -52,7 +52,7 @@ def check_request(req: Request) -> None:
       raise ValueError(f"--{flag}={value}: {msg}")
 
   need(req.num >= 1, "num", req.num, "must be at least 1")
-  need(req.steps >= 1, "steps", req.steps, "must be at least 1")
+  need(req.steps is None or req.steps >= 1, "steps", req.steps, "must be at least 1")
   need(0.0 <= req.strength <= 1.0, "strength", req.strength, "must be in [0, 1]")
   need(req.eta >= 0.0, "eta", req.eta, "must be >= 0")
   need(0.0 <= req.guidance_rescale <= 1.0, "guidance_rescale", req.guidance_rescale,
