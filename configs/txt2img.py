@@ -13,7 +13,12 @@ RESOLUTION = {"tiny": 32, "base": 256, "sd15": 512, "sd2": 768}
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="tiny", data="shapes")
-  return ldm(arg, context="text").lock()
+  c = ldm(arg, context="text")
+  if arg.size == "tiny" and arg.data == "shapes":
+    # Prompt accuracy (and FID, given the Inception weights) at each checkpoint, so
+    # the run shows its progress; a small share of the run's time (docs/experiments.md).
+    c.stage2.eval.every = 500
+  return c.lock()
 
 
 def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZES):

@@ -234,6 +234,9 @@ def shapes_text(stage2, *, words: bool) -> None:
   from ldm_jax.models.text import WordTokenizer
   stage2.sample.prompts = tuple(shapes.caption(shapes.sample_attrs(7, i, "heldout"))
                                 for i in range(8))
+  # Evaluation reads the attributes of each sample back (prompt accuracy) and, given
+  # the Inception weights, compares the samples with held-out images (FID).
+  stage2.eval.metrics = "prompts,fid"
   if words:
     stage2.text.tokenizer = "words"
     stage2.text.vocab = WordTokenizer.build_vocab(

@@ -7,7 +7,8 @@ python -m ldm_jax.evaluate --make_reference --data=shapes|wds:PATTERN|tfds:NAME 
 Judges the images a stage-2 model generates as the literature does (docs/evaluation.md):
 FID and KID against reference statistics, the Inception Score, and the CLIP score
 of text-to-image samples, one row per guidance scale (the FID / CLIP-score
-trade-off). Images are sampled in batches sharded over every device and host;
+trade-off); on the shapes data also the prompt accuracy (`prompts`: the
+attributes read back from each image against its held-out prompt's). Images are sampled in batches sharded over every device and host;
 each batch's metric inputs are kept under DIR/eval/, so a restarted run skips the
 batches it finished. Process 0 prints the table and writes DIR/eval/results_*.json
 and TensorBoard scalars (eval/<metric>_g<guidance>) into the run's ldm/tensorboard.
@@ -19,62 +20,70 @@ transformers CLIPModel folder, e.g. openai/clip-vit-large-patch14). Without
 --reference, a model trained on the shapes data is compared with held-out shapes
 images (their statistics are made once and kept in DIR/eval/).
 """
-import argparse
 import json
 import logging
 import os
-import sys
 import time
+import types
+
+from absl import flags
+
+from ldm_jax import cli
 
 log = logging.getLogger("ldm_jax")
+# The defaults below are kid.NUM_SUBSETS, kid.SUBSET_SIZE and inception_score.SPLITS,
+# written out so that --help needs no jax import (test_evaluate checks they agree).
+flags.DEFINE_string("workdir", None, "A training workdir (its ldm/checkpoints are evaluated).")
+flags.DEFINE_string("checkpoint", None, "A stage-2 checkpoints folder (instead of --workdir).")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("metrics", "fid", "Comma list of fid, kid, is, clip_score, prompts.")
+flags.DEFINE_integer("num", 10000, "Images to generate (or to read with --make_reference).")
+flags.DEFINE_integer("batch", 64, "Images per sampling / Inception call (rounded up to a "
+                     "multiple of the devices).")
+flags.DEFINE_string("captions", None, "Text models: a text file (one caption a line) or "
+                    "webdataset shards; default on shapes: its held-out prompts.")
+flags.DEFINE_string("reference", None, "Reference statistics .npz (ours, pytorch-fid's or "
+                    "clean-fid's); default on shapes: held-out images.")
+flags.DEFINE_string("guidance", None, "Comma list of guidance scales, one row each "
+                    "(default: the config's).")
+flags.DEFINE_enum("sampler", None, ["ddim", "ddpm", "plms", "dpmpp_2m"],
+                  "Sampler (default: the config's).")
+flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
+flags.DEFINE_integer("seed", 0, "Seed of the noise and of the shapes prompts.")
+flags.DEFINE_string("inception_weights", None, "FID Inception weights (default: "
+                    "$LDM_INCEPTION_WEIGHTS).")
+flags.DEFINE_string("clip", None, "CLIP folder for clip_score (default: $LDM_CLIP).")
+flags.DEFINE_integer("kid_subsets", 100, "KID: random subset pairs averaged over.")
+flags.DEFINE_integer("kid_subset_size", 1000, "KID: features per subset (--num and the "
+                     "reference need at least as many).")
+flags.DEFINE_integer("is_splits", 10, "Inception Score: consecutive parts averaged over.")
+flags.DEFINE_string("out", None, "--make_reference: the .npz to write; else the folder for "
+                    "results (default: DIR/eval).")
+flags.DEFINE_bool("make_reference", False, "Write reference statistics.")
+flags.DEFINE_string("data", None, "--make_reference: shapes[:SPLIT] | wds:PATTERN | "
+                    "tfds:NAME[:SPLIT].")
+flags.DEFINE_integer("resolution", None, "--make_reference: image side (default: --workdir's "
+                     "model's).")
+FLAGS = flags.FLAGS
+_NAMES = ("workdir", "checkpoint", "step", "metrics", "num", "batch", "captions", "reference",
+          "guidance", "sampler", "steps", "seed", "inception_weights", "clip", "kid_subsets",
+          "kid_subset_size", "is_splits", "out", "make_reference", "data", "resolution")
 
 
-def parse_args(argv):
-  from ldm_jax.evaluation import kid, inception_score
-  p = argparse.ArgumentParser(prog="python -m ldm_jax.evaluate",
-                              description=__doc__.split("\n\n")[1])
-  p.add_argument("--workdir", help="a training workdir (its ldm/checkpoints are evaluated)")
-  p.add_argument("--checkpoint", help="a stage-2 checkpoints folder (instead of --workdir)")
-  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-  p.add_argument("--metrics", default="fid", help="comma list of fid, kid, is, clip_score")
-  p.add_argument("--num", type=int, default=10000, help="images to generate (or to read "
-                 "with --make_reference)")
-  p.add_argument("--batch", type=int, default=64, help="images per sampling / Inception call "
-                 "(rounded up to a multiple of the devices)")
-  p.add_argument("--captions", help="text models: a text file (one caption a line) or "
-                 "webdataset shards; default on shapes: its held-out prompts")
-  p.add_argument("--reference", help="reference statistics .npz (ours, pytorch-fid's or "
-                 "clean-fid's); default on shapes: held-out images")
-  p.add_argument("--guidance", help="comma list of guidance scales, one row each "
-                 "(default: the config's)")
-  p.add_argument("--sampler", choices=("ddim", "ddpm", "plms", "dpmpp_2m"),
-                 help="sampler (default: the config's)")
-  p.add_argument("--steps", type=int, help="sampler steps (default: the config's)")
-  p.add_argument("--seed", type=int, default=0, help="seed of the noise and of shapes prompts")
-  p.add_argument("--inception_weights", help="FID Inception weights (default: "
-                 "$LDM_INCEPTION_WEIGHTS)")
-  p.add_argument("--clip", help="CLIP folder for clip_score (default: $LDM_CLIP)")
-  p.add_argument("--kid_subsets", type=int, default=kid.NUM_SUBSETS, help="KID: random subset "
-                 "pairs averaged over")
-  p.add_argument("--kid_subset_size", type=int, default=kid.SUBSET_SIZE, help="KID: features "
-                 "per subset (--num and the reference need at least as many)")
-  p.add_argument("--is_splits", type=int, default=inception_score.SPLITS, help="Inception "
-                 "Score: consecutive parts averaged over")
-  p.add_argument("--out", help="--make_reference: the .npz to write; else the folder for "
-                 "results (default: DIR/eval)")
-  p.add_argument("--make_reference", action="store_true", help="write reference statistics")
-  p.add_argument("--data", help="--make_reference: shapes[:SPLIT] | wds:PATTERN | "
-                 "tfds:NAME[:SPLIT]")
-  p.add_argument("--resolution", type=int, help="--make_reference: image side (default: "
-                 "--workdir's model's)")
-  args = p.parse_args(argv)
+def parse_args() -> types.SimpleNamespace:
+  """The parsed flags, checked, with --metrics and --guidance as lists.
+
+  Raises:
+    ValueError naming the flag.
+  """
+  args = types.SimpleNamespace(**{k: FLAGS[k].value for k in _NAMES})
   if args.num < 1 or args.batch < 1:
-    p.error(f"--num={args.num} and --batch={args.batch} must be positive")
+    raise ValueError(f"--num={args.num} and --batch={args.batch} must be positive")
   args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
   try:
     args.guidance = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
   except ValueError:
-    p.error(f"--guidance={args.guidance!r}: expected a comma list of numbers")
+    raise ValueError(f"--guidance={args.guidance!r}: expected a comma list of numbers") from None
   return args
 
 
@@ -134,15 +143,9 @@ def evaluate(args) -> dict:
   if [g for g in args.guidance if g not in (None, 1.0)] and not task.cond.guidable:
     raise ValueError("--guidance needs a conditional model; this one is unconditional")
   conds = cond_lib.conditions_for(task, config, args.num, args.captions, args.seed)
+  generated.check_conditions(args.metrics, conds)
   if ref is None and config.data.source == "shapes":
-    res = config.data.resolution
-
-    def ref(inception):  # held-out shapes images, made once per Inception network
-      path = os.path.join(out_dir, f"reference_shapes-heldout_r{res}_n{args.num}_"
-                          f"{inception.fingerprint}.npz")
-      return reference.load_or_make(path, "shapes:heldout", inception, num=args.num,
-                                    resolution=res, batch=args.batch,
-                                    cache_dir=config.data.cache_dir, seed=config.seed)
+    ref = reference.shapes_heldout(out_dir, config, num=args.num, batch=args.batch)
   judges = generated.Judges.load(
       args.metrics, mesh, num=args.num, text=task.cond.context == "text",
       inception_weights=args.inception_weights, clip=args.clip, reference=ref, **numbers)
@@ -165,12 +168,14 @@ def evaluate(args) -> dict:
 
 
 _COLUMNS = (("fid", "FID", 1), ("kid", "KID x 10^3", 1e3), ("is", "IS", 1),
-            ("clip_score", "CLIP score", 1))
+            ("clip_score", "CLIP score", 1), ("prompts", "prompts c+k+p %", 100))
 
 
 def table(result: dict) -> str:
   """The results as a Markdown table, one row per guidance scale."""
-  cols = [c for c in _COLUMNS if c[0] in result["metrics"]]
+  from ldm_jax.evaluation.prompts import JOINT, scalar_name
+  cols = [(scalar_name(JOINT) if c[0] == "prompts" else c[0],) + c[1:]
+          for c in _COLUMNS if c[0] in result["metrics"]]
   lines = ["| guidance | " + " | ".join(c[1] for c in cols) + " |",
            "|---" * (len(cols) + 1) + "|"]
   for r in result["rows"]:
@@ -184,6 +189,7 @@ def table(result: dict) -> str:
 
 def _report(result: dict, out_dir: str, tb_dir: str) -> None:
   from tensorboardX import SummaryWriter
+  from ldm_jax.evaluation.generated import metric_keys
   print(f"{result['num']} images per row, checkpoint step {result['step']}, {result['steps']} "
         f"{result['sampler']} steps, conditions: {result['conditions']}; reference: "
         f"{result['reference'] or '-'}")
@@ -194,16 +200,18 @@ def _report(result: dict, out_dir: str, tb_dir: str) -> None:
     json.dump(result, f, indent=1)
   writer = SummaryWriter(tb_dir)
   for r in result["rows"]:
-    for key in result["metrics"]:
-      writer.add_scalar(f"eval/{key}_g{r['guidance']:g}", r[key], result["step"])
+    for key in metric_keys(result["metrics"]):
+      if not key.endswith("_std"):
+        writer.add_scalar(f"eval/{key}_g{r['guidance']:g}", r[key], result["step"])
   writer.close()
   log.info("wrote %s and TensorBoard scalars in %s", path, tb_dir)
 
 
-def main(argv=None) -> dict:
+def main(argv) -> dict:
+  del argv  # every setting is a flag
   from ldm_jax.console import setup_logging
   setup_logging()
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args = parse_args()
   import jax
   jax.config.update("jax_threefry_partitionable", True)
   t0 = time.time()
@@ -213,7 +221,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  try:
-    main()
-  except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-    sys.exit(f"error: {e}")
+  cli.run(main)

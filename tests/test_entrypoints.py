@@ -37,7 +37,8 @@ def test_train_sample_evaluate(tmp_path):
             "--config.stage1.batch_size=8", "--config.stage2.batch_size=8",
             "--config.stage1.scale_batches=1", "--config.log_every=1", "--config.ckpt_every=2",
             "--config.sample_every=0", "--config.num_samples=8",
-            "--config.stage2.sample.steps=3", "--config.data.shapes.num=64",
+            "--config.stage2.sample.steps=3", "--config.stage2.eval.num=8",
+            "--config.stage2.eval.batch=8", "--config.data.shapes.num=64",
             "--config.data.shapes.shard_size=32", f"--config.data.cache_dir={tmp_path}/cache"]
   # As a user runs it: no forced device count, so train splits the CPU, one device a core;
   # from another folder, so configs/ is found beside the package.
@@ -56,6 +57,11 @@ def test_train_sample_evaluate(tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in acc.Images("samples")] == [3]
   assert "sample/psnr" in events(str(run_dir / "autoencoder" / "tensorboard")).Tags()["scalars"]
+  # The default's evaluation while training, run once at the end of this short stage 2.
+  acc = events(str(run_dir / "ldm" / "tensorboard"))
+  assert [e.step for e in acc.Scalars("eval/prompts/kind")] == [3]
+  ev = json.load(open(run_dir / "ldm" / "eval" / "train_step0000003.json"))
+  assert ev["metrics"][0] == "prompts" and ev["num"] == 8 and 0 <= ev["prompts/kind"] <= 1
   scale = json.load(open(run_dir / "autoencoder" / "scale_factor.json"))
   assert scale["source"]["stage1_step"] == 3 and scale["scale_factor"] > 0
   done = json.load(open(run_dir / "ldm" / "latents" / "done.json"))

@@ -120,9 +120,25 @@ def test_same_fid_for_any_order_batch_size_and_device_count(features, files):
   np.testing.assert_allclose(streamed.cov(), whole.cov(), rtol=1e-9, atol=1e-12)
 
 
+def _main(args):
+  """python -m ldm_jax.evaluate ARGS in this process (absl's flags, parsed afresh)."""
+  from absl import flags
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["ldm_jax.evaluate", *args])
+  return evaluate.main(["ldm_jax.evaluate"])
+
+
+def test_flag_defaults_are_the_metrics_defaults():
+  from absl import flags
+  from ldm_jax.evaluation import inception_score
+  f = flags.FLAGS
+  assert (f["kid_subsets"].default, f["kid_subset_size"].default, f["is_splits"].default) == (
+      kid.NUM_SUBSETS, kid.SUBSET_SIZE, inception_score.SPLITS)
+
+
 def _args(files, *extra):
-  return [f"--workdir={files['workdir']}", "--metrics=fid,kid,is,clip_score", "--num=32",
-          f"--batch={BATCH}", "--steps=2", "--kid_subsets=10", "--kid_subset_size=16",
+  return [f"--workdir={files['workdir']}", "--metrics=fid,kid,is,clip_score,prompts",
+          "--num=32", f"--batch={BATCH}", "--steps=2", "--kid_subsets=10", "--kid_subset_size=16",
           "--is_splits=2", f"--inception_weights={files['inception']}",
           f"--clip={files['clip']}", *extra]
 
@@ -135,29 +151,30 @@ def command(files):
   import io
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    out = evaluate.main(_args(files, "--guidance=1,3"))
+    out = _main(_args(files, "--guidance=1,3"))
   return out, printed.getvalue()
 
 
 def test_command_table_json_tensorboard(files, command):
   out, printed = command
-  assert "| guidance | FID | KID x 10^3 | IS | CLIP score |" in printed
+  assert "| guidance | FID | KID x 10^3 | IS | CLIP score | prompts c+k+p % |" in printed
   assert "\n| 1 | " in printed and "\n| 3 | " in printed
   rows = out["rows"]
   assert [r["guidance"] for r in rows] == [1.0, 3.0]
   for r in rows:
     assert r["fid"] > 0 and np.isfinite(r["kid"]) and 1 <= r["is"] <= 1008
     assert 0 <= r["clip_score"] <= 100 and r["sampled_batches"] == 2 and r["num"] == 32
+    assert 0 <= r["prompts/colour_kind_position"] <= r["prompts/kind"] <= 1
   assert rows[0]["fid"] != rows[1]["fid"]  # another guidance, other images
   wd = files["workdir"]
   saved = json.load(open(os.path.join(wd, "eval", "results_step1.json")))
   assert saved["rows"][1]["fid"] == rows[1]["fid"]
   assert os.path.basename(saved["reference"]).startswith("reference_shapes-heldout_r32_n32")
-  from tests.test_entrypoints import events  # TensorBoard's own reader
+  from tests.test_entrypoints import events
   acc = events(os.path.join(wd, "ldm", "tensorboard"))
-  tags = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
-  assert tags["eval/fid_g3"] == pytest.approx(rows[1]["fid"], rel=1e-6)
-  assert {"eval/kid_g1", "eval/is_g1", "eval/clip_score_g3"} <= set(tags)
+  assert acc.Scalars("eval/fid_g3")[0].value == pytest.approx(rows[1]["fid"], rel=1e-6)
+  assert {"eval/kid_g1", "eval/is_g1", "eval/clip_score_g3",
+          "eval/prompts/colour_kind_position_g3"} <= set(acc.Tags()["scalars"])
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +228,7 @@ def test_evaluation_samples_equal_on_8_devices_and_1(files, loaded):
 def test_make_reference_from_shapes_and_shards(files, tmp_path):
   def make(data, num, name):
     out = str(tmp_path / name)
-    evaluate.main(["--make_reference", f"--data={data}", f"--num={num}", f"--batch={BATCH}",
+    _main(["--make_reference", f"--data={data}", f"--num={num}", f"--batch={BATCH}",
                    "--resolution=32", f"--out={out}", f"--inception_weights={files['inception']}"])
     return fid.load_reference(out, 2048)
 
@@ -233,38 +250,42 @@ def test_bad_input_fails_with_a_clear_error(files, tmp_path, monkeypatch):
   args = [f"--workdir={files['workdir']}", "--num=32"]
   with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth.*"
                      "github.com/mseitzer.*--inception_weights=PATH or set LDM_INCEPTION_WEIGHTS"):
-    evaluate.main(args + ["--metrics=fid"])
+    _main(args + ["--metrics=fid"])
   with pytest.raises(FileNotFoundError, match="nope.pth' not found"):
-    evaluate.main(args + ["--metrics=is", f"--inception_weights={tmp_path}/nope.pth"])
+    _main(args + ["--metrics=is", f"--inception_weights={tmp_path}/nope.pth"])
   weights = f"--inception_weights={files['inception']}"
   np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
   with pytest.raises(ValueError, match="small.npz.*64.*2048-d"):
-    evaluate.main(args + ["--metrics=fid", weights, f"--reference={tmp_path}/small.npz"])
+    _main(args + ["--metrics=fid", weights, f"--reference={tmp_path}/small.npz"])
   np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
   with pytest.raises(ValueError, match="KID needs the reference's features"):
-    evaluate.main(args + ["--metrics=kid", weights, f"--reference={tmp_path}/stats.npz",
+    _main(args + ["--metrics=kid", weights, f"--reference={tmp_path}/stats.npz",
                           "--kid_subset_size=8"])
   with pytest.raises(ValueError, match="--num=32 is smaller than the KID subset size "
                      "--kid_subset_size=1000"):
-    evaluate.main(args + ["--metrics=fid,kid", weights])
+    _main(args + ["--metrics=fid,kid", weights])
   with pytest.raises(ValueError, match="--metrics=fid,lpips: choose from"):
-    evaluate.main(args + ["--metrics=fid,lpips", weights])
+    _main(args + ["--metrics=fid,lpips", weights])
   with pytest.raises(ValueError, match="is_splits=40"):
-    evaluate.main(args + ["--metrics=is", weights, "--is_splits=40"])
+    _main(args + ["--metrics=is", weights, "--is_splits=40"])
   monkeypatch.delenv("LDM_CLIP", raising=False)
   with pytest.raises(FileNotFoundError, match="--clip=FOLDER or set LDM_CLIP"):
-    evaluate.main(args + ["--metrics=clip_score"])
+    _main(args + ["--metrics=clip_score"])
   (tmp_path / "captions.txt").write_text("a red circle\n\na blue square\n")
   with pytest.raises(ValueError, match="holds 2 captions; --num=32"):
-    evaluate.main(args + ["--metrics=is", weights, f"--captions={tmp_path}/captions.txt"])
+    _main(args + ["--metrics=is", weights, f"--captions={tmp_path}/captions.txt"])
   with pytest.raises(ValueError, match="--data='lsun'"):
-    evaluate.main(["--make_reference", "--data=lsun", "--resolution=32", "--out=x.npz", weights])
-  # As a user runs it: one line naming the file, no traceback, exit status 1.
+    _main(["--make_reference", "--data=lsun", "--resolution=32", "--out=x.npz", weights])
+  with pytest.raises(ValueError, match="the 'prompts' metric judges the shapes held-out "
+                     "prompts.*captions"):
+    _main(args + ["--metrics=prompts", f"--captions={tmp_path}/captions.txt", "--num=2"])
+  # As a user runs it: one line naming the file, no traceback, exit status 2.
   import subprocess
   import sys
   done = subprocess.run([sys.executable, "-m", "ldm_jax.evaluate"] + args + ["--metrics=kid"],
                         capture_output=True, text=True, timeout=120)
-  assert done.returncode == 1 and done.stderr.startswith("error: FID, KID and IS need")
+  assert done.returncode == 2, done.stderr
+  assert done.stderr.startswith("ldm_jax.evaluate: error: FID, KID and IS need")
   assert len(done.stderr.strip().splitlines()) == 1
 
 

@@ -60,15 +60,22 @@ class Conditions:
     captions: text: one per image.
     classes: class: the number of labels.
     source: where the conditions come from, for the results.
+    attrs: the shapes held-out prompts' attribute sets, one per caption (what the
+      prompt judge compares the images with); () for other captions.
   """
   kind: str
   captions: tuple = ()
   classes: int = 0
   source: str = ""
+  attrs: tuple = ()
 
   def captions_of(self, lo: int, hi: int) -> list:
     """Captions of images lo..hi-1 (indices past the end wrap: padding rows)."""
     return [self.captions[i % len(self.captions)] for i in range(lo, hi)]
+
+  def attrs_of(self, lo: int, hi: int) -> list:
+    """The attribute sets of images lo..hi-1, wrapping as `captions_of`."""
+    return [self.attrs[i % len(self.attrs)] for i in range(lo, hi)]
 
   def host_batch(self, lo: int, hi: int) -> dict:
     """The host batch of images lo..hi-1 for `task.prepare_batch`."""
@@ -103,8 +110,9 @@ def conditions_for(task, config, num: int, captions: Optional[str] = None,
     if config.data.source != "shapes":
       raise ValueError("this text-to-image model needs --captions (a text file, one caption a "
                        "line, or webdataset shards)")
-    return Conditions("text", tuple(heldout_prompts(num, seed)[1]),
-                      source=f"shapes held-out prompts, seed {seed}")
+    attrs, prompts = heldout_prompts(num, seed)
+    return Conditions("text", tuple(prompts), source=f"shapes held-out prompts, seed {seed}",
+                      attrs=tuple(attrs))
   if captions:
     raise ValueError("--captions is for text-to-image models; this one takes "
                      + ("class labels" if cond.classes else "no condition"))

@@ -1,10 +1,11 @@
-"""FID, KID, Inception Score and CLIP score of the images a stage-2 model generates.
+"""FID, KID, Inception Score, CLIP score and (on the shapes data) prompt accuracy
+of the images a stage-2 model generates.
 
 `evaluate(task, state, mesh, config, metrics, judges, ...)` samples `num` images
 batch by batch (each batch sharded over every device and host by
 `sampling.generate`), keeps only each batch's metric inputs (`store`), and
 returns the metrics as scalars: the command line (`ldm_jax.evaluate`) calls it
-once per guidance scale, a training loop can call it every so many steps.
+once per guidance scale, training (`evaluation.periodic`) every so many steps.
 `Judges` holds what the metrics need (the Inception, CLIP, the reference
 statistics); `Judges.load` checks everything before anything compiles.
 """
@@ -22,13 +23,16 @@ from ldm_jax import parallel, sampling
 from ldm_jax.console import progress
 from ldm_jax.evaluation import fid as fid_lib
 from ldm_jax.evaluation import kid as kid_lib
+from ldm_jax.evaluation import prompts as prompts_lib
 from ldm_jax.evaluation.conditions import Conditions
 from ldm_jax.evaluation.inception_score import SPLITS, inception_score
 from ldm_jax.evaluation.store import BatchStore, digest
+from ldm_jax.data import shapes
 from ldm_jax.models import inception as inception_lib
 from ldm_jax.training import images as image_io
 
-METRICS = ("fid", "kid", "is", "clip_score")
+log = logging.getLogger("ldm_jax")
+METRICS = ("fid", "kid", "is", "clip_score", "prompts")
 _INCEPTION_METRICS = ("fid", "kid", "is")
 
 
@@ -137,6 +141,15 @@ def check_reference(metrics: Sequence[str], reference: fid_lib.Reference,
                        f"fewer than the KID subset size --kid_subset_size={kid_subset_size}")
 
 
+def check_conditions(metrics: Sequence[str], conditions: Conditions) -> None:
+  """Raises ValueError when 'prompts' is asked for conditions it cannot judge: it reads
+  the attributes of a shapes image back and needs the shapes held-out prompts."""
+  if "prompts" in metrics and not conditions.attrs:
+    raise ValueError("the 'prompts' metric judges the shapes held-out prompts: it needs a "
+                     f"text-to-image model trained on the shapes data (conditions here: "
+                     f"{conditions.source})")
+
+
 def sample_batch(task, state, mesh, config, conditions: Conditions, b: int, batch: int, *,
                  seed: int, **kw) -> np.ndarray:
   """uint8 images b * batch ... (b + 1) * batch - 1, the same on every process and
@@ -165,8 +178,9 @@ def evaluate(task, state, mesh, config, metrics: Sequence[str], judges: Judges, 
     guidance, steps, sampler: the sampler's settings (None: the config's).
     seed: the noise seed (batch b draws from (seed, b)).
   Returns:
-    Scalars: fid; kid, kid_std; is, is_std; clip_score, clip_score_std (those
-    asked for), num, seconds, and folder (the per-batch results).
+    Scalars: fid; kid, kid_std; is, is_std; clip_score, clip_score_std;
+    prompts/<attribute> (accuracy in [0, 1], `prompts.scalar_name`) (those asked for),
+    num, seconds, and folder (the per-batch results).
   """
   s = config.stage2.sample
   guidance = s.guidance if guidance is None else float(guidance)
@@ -180,6 +194,8 @@ def evaluate(task, state, mesh, config, metrics: Sequence[str], judges: Judges, 
     needs.update(pool3=judges.inception.fingerprint, logits=judges.inception.fingerprint)
   if "clip_score" in metrics:
     needs["clip"] = judges.clip.fingerprint
+  if "prompts" in metrics:
+    needs["prompts"] = "shapes.classify_image"
   settings = dict(step=step, ema=use_ema, sampler=sampler, steps=steps, guidance=guidance,
                   seed=seed, batch=batch, num=num, resolution=config.data.resolution,
                   inception_size=inception_lib.FID_SIZE, conditions=conditions.key())
@@ -200,6 +216,9 @@ def evaluate(task, state, mesh, config, metrics: Sequence[str], judges: Judges, 
       out.update(judges.inception(images[mine]))
     if "clip" in needs:
       out["clip"] = judges.clip(images[mine], conditions.captions_of(lo, hi)[mine])
+    if "prompts" in needs and jax.process_index() == 0:  # numpy, and only process 0 writes
+      out["prompts"] = prompts_lib.correct(conditions.attrs_of(lo, hi),
+                                           [shapes.classify_image(im) for im in images])
     store.save(b, out, needs)
     if b == 0 and jax.process_index() == 0:  # a look at what is being measured
       grid = image_io.grid(images[:64].astype(np.float32) / 127.5 - 1)
@@ -208,16 +227,18 @@ def evaluate(task, state, mesh, config, metrics: Sequence[str], judges: Judges, 
   res = _metrics(store, metrics, judges, num_batches, num, list(needs)) \
       if jax.process_index() == 0 else {}
   if jax.process_count() > 1:  # the scalars of process 0, which read the files
-    keys = sorted(_metric_keys(metrics))
+    keys = sorted(metric_keys(metrics))
     vals = np.array([res.get(k, 0.0) for k in keys], np.float64)
     res = dict(zip(keys, map(float, multihost_utils.broadcast_one_to_all(vals))))
   return dict(res, num=num, seconds=round(seconds, 1), sampled_batches=int((~done).sum()),
               folder=store.folder)
 
 
-def _metric_keys(metrics) -> list:
+def metric_keys(metrics) -> list:
+  """The scalars `evaluate` returns for `metrics`, in order."""
   keys = {"fid": ["fid"], "kid": ["kid", "kid_std"], "is": ["is", "is_std"],
-          "clip_score": ["clip_score", "clip_score_std"]}
+          "clip_score": ["clip_score", "clip_score_std"],
+          "prompts": [prompts_lib.scalar_name(k) for k in prompts_lib.KEYS]}
   return [k for m in metrics for k in keys[m]]
 
 
@@ -245,4 +266,7 @@ def _metrics(store: BatchStore, metrics, judges: Judges, num_batches: int, num: 
   if "clip_score" in metrics:
     res["clip_score"] = float(np.mean(got["clip"]))
     res["clip_score_std"] = float(np.std(got["clip"]))
+  if "prompts" in metrics:
+    res.update({prompts_lib.scalar_name(k): float(v)
+                for k, v in zip(prompts_lib.KEYS, got["prompts"].mean(0))})
   return res

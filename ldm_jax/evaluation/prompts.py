@@ -15,18 +15,33 @@ def heldout_prompts(num: int, seed: int):
   return attrs, [shapes.caption(a) for a in attrs]
 
 
+JOINT = "colour+kind+position"  # what a caption's meaning rests on, all read right at once
+KEYS = shapes.ATTRIBUTES + (JOINT,)
+
+
+def scalar_name(key: str) -> str:
+  """The name under which an accuracy of KEYS is logged (a TensorBoard tag takes no '+')."""
+  return "prompts/" + key.replace("+", "_")
+
+
+def correct(attrs, predicted) -> np.ndarray:
+  """(N, len(KEYS)) float32: 1 where a predicted attribute (or all of colour, kind
+  and position, the last column) equals the prompt's."""
+  hits = [[getattr(g, k) == getattr(a, k) for k in shapes.ATTRIBUTES]
+          for g, a in zip(predicted, attrs)]
+  hits = np.array(hits, bool).reshape(-1, len(shapes.ATTRIBUTES))
+  joint = hits[:, [shapes.ATTRIBUTES.index(k) for k in JOINT.split("+")]].all(1, keepdims=True)
+  return np.concatenate([hits, joint], 1).astype(np.float32)
+
+
 def score(attrs, images) -> dict:
   """Per-attribute accuracy of classify_image(images) against attrs, plus chance."""
   got = [shapes.classify_image(img) for img in images]
-  acc = {k: float(np.mean([getattr(g, k) == getattr(a, k) for g, a in zip(got, attrs)]))
-         for k in shapes.ATTRIBUTES}
-  acc["colour+kind+position"] = float(np.mean(
-      [all(getattr(g, k) == getattr(a, k) for k in ("colour", "kind", "position"))
-       for g, a in zip(got, attrs)]))
+  acc = dict(zip(KEYS, map(float, correct(attrs, got).mean(0))))
   chance = {"colour": 1 / (len(shapes.COLOUR_NAMES) - 1), "kind": 1 / len(shapes.KINDS),
             "position": 1 / len(shapes.POSITIONS), "size": 1 / len(shapes.SIZES),
             "background": 1 / len(shapes.COLOUR_NAMES)}
-  chance["colour+kind+position"] = chance["colour"] * chance["kind"] * chance["position"]
+  chance[JOINT] = chance["colour"] * chance["kind"] * chance["position"]
   return dict(accuracy=acc, chance=chance, predicted=[g.to_json() for g in got])
 
 

@@ -95,3 +95,18 @@ def load_or_make(path: str, spec: str, inception, **kw) -> fid_lib.Reference:
   if os.path.isfile(path):
     return fid_lib.load_reference(path, DIM)
   return make_reference(spec, path, inception, **kw)
+
+
+def shapes_heldout(out_dir: str, config, *, num: int, batch: int = 64):
+  """The default reference of a model trained on the shapes data: a callable
+  (InceptionFeatures) -> Reference of `num` held-out shapes images at the model's
+  resolution, made once per Inception network and kept in `out_dir` (what
+  `generated.Judges.load` takes as `reference`)."""
+  res = config.data.resolution
+
+  def make(inception) -> fid_lib.Reference:
+    path = os.path.join(out_dir, f"reference_shapes-heldout_r{res}_n{num}_"
+                        f"{inception.fingerprint}.npz")
+    return load_or_make(path, "shapes:heldout", inception, num=num, resolution=res, batch=batch,
+                        cache_dir=config.data.cache_dir, seed=config.seed)
+  return make

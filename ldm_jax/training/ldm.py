@@ -268,4 +268,20 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
       steps_offset=1 if size in ("sd15", "sd2") else 0,  # added to 'leading' (SD's scheduler: 1)
       # False: the last step ends at alphas_cumprod[0], not a = 1 (SD's scheduler)
       set_alpha_to_one=size not in ("sd15", "sd2")))
+  # Evaluation while training (evaluation/periodic.py, docs/evaluation.md): every
+  # `every` steps and at the end, `num` images sampled with the EMA weights are
+  # measured, logged as eval/<metric> and kept in ldm/eval/train_step<N>.json.
+  c.eval = ml_collections.ConfigDict(dict(
+      every=0,                # steps between evaluations (0 = off)
+      num=64,                 # images each time (FID grows as N shrinks: compare equal N only)
+      metrics="fid",          # comma list: fid, kid, is, clip_score, prompts (shapes held-out prompts)
+      guidance=0.0,           # guidance scale (0 = sample.guidance)
+      steps=0,                # sampler steps (0 = sample.steps)
+      batch=64,               # images per sampling call (rounded up to a multiple of the devices)
+      seed=0,                 # seed of the noise and of the shapes held-out prompts
+      reference="",           # FID/KID statistics .npz ("" = on shapes data: num held-out images)
+      # pytorch-fid's Inception .pth for fid, kid, is ("" = $LDM_INCEPTION_WEIGHTS;
+      # neither: those metrics are skipped and the run says so)
+      inception_weights="",
+      clip=""))               # CLIPModel folder for clip_score ("" = $LDM_CLIP; neither: skipped)
   return c

@@ -1,6 +1,6 @@
 """The shared training loop: mesh -> sharded state (new or restored) -> compiled
-update step -> steps with logging, checkpoints, sample grids, divergence and
-SIGTERM handling. A stage plugs in as a Task (`ldm_jax.training.step`).
+update step -> steps with logging, checkpoints, sample grids, periodic
+evaluation, divergence and SIGTERM handling. A stage plugs in as a Task (`ldm_jax.training.step`).
 
 No diverged state becomes a checkpoint. Step N's metrics are checked while step
 N+1 runs, so the host never waits on the device, except before a save: then
@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from ldm_jax import checkpoint, config_lib, parallel, storage
 from ldm_jax.training import images as image_io
-from ldm_jax.training.step import DataIterator, Task
+from ldm_jax.training.step import DataIterator, Evaluator, Task
 
 log = logging.getLogger("ldm_jax")
 
@@ -143,7 +143,8 @@ def _memory_report(compiled) -> str:
 
 def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator], *,
         sample_batch: Optional[dict] = None, devices=None,
-        initial_values: Optional[Callable] = None) -> dict:
+        initial_values: Optional[Callable] = None,
+        evaluator: Optional[Evaluator] = None) -> dict:
   """Trains `task` for `config.total_steps` steps, resuming from `workdir`.
 
   Args:
@@ -155,10 +156,12 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
     devices: the devices of the mesh (default: all).
     initial_values: (state, shardings) -> state, applied to a fresh (not restored)
       state; how stage 2 puts the trained first stage into its state.
+    evaluator: called every `evaluator.every` steps and after the last (None or
+      every = 0: never); its scalars go to the log and to TensorBoard as eval/*.
 
   Returns:
     dict(state=final train state, step=..., logged=[(step, mean metrics)], compile_s=..., steps_per_s=...,
-    preempted=bool, mesh=..., shardings=...).
+    preempted=bool, mesh=..., shardings=..., evals=[(step, evaluator scalars)]).
   """
   is_main = jax.process_index() == 0
   storage.check_writable(workdir)
@@ -187,7 +190,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   if start >= config.total_steps:
     ckpt.close()
     return dict(state=state, step=start, logged=[], compile_s=0.0, steps_per_s=float("nan"),
-                preempted=False, mesh=mesh, shardings=shardings)
+                preempted=False, mesh=mesh, shardings=shardings, evals=[])
   if is_main:
     log.info("mesh %s, %d processes, batch %d (%d per process)", dict(mesh.shape),
              jax.process_count(), config.batch_size, per_process)
@@ -239,6 +242,19 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       grid = image_io.grid(images)
       image_io.save_png(grid, storage.join(workdir, "samples", f"step_{step:07d}.png"))
       writer.add_image("samples", grid, step, dataformats="HWC")
+
+  evals = []
+  eval_every = evaluator.every if evaluator is not None else 0
+
+  def evaluate(step) -> float:
+    """Runs the evaluator on the state after `step`; returns the seconds it took."""
+    t = time.time()
+    scalars = evaluator(state, mesh)
+    evals.append((step, scalars))
+    if is_main:
+      log.info("step %d eval | %s", step, " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+      write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+    return time.time() - t
 
   guard = _DivergenceGuard(config.divergence_factor, loop_state)
 
@@ -308,6 +324,11 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
             history.append(check(*pending))
             pending = None
           ckpt.save(step, state, it.get_state(), cfg_dict, loop_state=guard.state())
+        if eval_every and step % eval_every == 0 and not stop:  # after the (async) save
+          if pending is not None:  # a diverged state stops the run, not the metrics
+            history.append(check(*pending))
+            pending = None
+          t_last += evaluate(step)  # steps/s counts training only
         if stop:
           log.warning("SIGTERM: saved step %d, exiting", step)
           preempted = True
@@ -321,9 +342,11 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
         ckpt.save(step, state, it.get_state(), cfg_dict, force=True, loop_state=guard.state())
       if not (config.sample_every and step % config.sample_every == 0):  # not just written
         save_samples(step)
+      if eval_every and step % eval_every:  # the final state, unless just measured
+        evaluate(step)
   finally:  # a save in flight holds a good state: let it finish
     ckpt.close()
     if writer is not None:
       writer.close()
   return dict(state=state, step=step, logged=logged, compile_s=compile_s, steps_per_s=steps_per_s,
-              preempted=preempted, mesh=mesh, shardings=shardings)
+              preempted=preempted, mesh=mesh, shardings=shardings, evals=evals)

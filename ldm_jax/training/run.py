@@ -20,6 +20,7 @@ import ml_collections
 
 from ldm_jax import config_lib, data as data_lib, parallel, storage
 from ldm_jax.data import make_iterator
+from ldm_jax.evaluation import periodic
 from ldm_jax.training import latent_cache, loop
 from ldm_jax.training.autoencoder import AutoencoderTask
 from ldm_jax.training.first_stage import FirstStage
@@ -98,9 +99,12 @@ def train_ldm(config, workdir: str, first: FirstStage) -> dict:
   make_data = latent_data(c2, first, ldm_dir) if c2.stage2.latent_cache else _data_factory(c2)
   n = max(c2.num_samples // jax.process_count(), 1)
   data_batch = _first_batch(c2, n, 1000) if task.cond.concat != "none" else None
+  evaluator = (periodic.Evaluator(task, c2, storage.join(ldm_dir, "eval"))
+               if c2.stage2.eval.every else None)
   return loop.run(task, c2, ldm_dir, make_data,
                   sample_batch=task.cond.fixed_batch(n, data_batch),
-                  initial_values=lambda state, sh: first.put(task.initial_values(state, sh), sh))
+                  initial_values=lambda state, sh: first.put(task.initial_values(state, sh), sh),
+                  evaluator=evaluator)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -116,6 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if "ldm" in config.stages:
     latent_cache.check_config(config)
     check_ldm_config(config)  # before stage 1 trains
+    periodic.check_config(config)
   storage.check_writable(workdir)
   results = {}
   with loop.Preemption() as preemption:  # one flag for all stages

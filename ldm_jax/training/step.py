@@ -1,5 +1,6 @@
-"""Pieces every update step shares: the contracts of the shared loop (`Task`, and
-`DataIterator` for its input) and micro-batch gradient accumulation.
+"""Pieces every update step shares: the contracts of the shared loop (`Task`,
+`DataIterator` for its input, `Evaluator` for periodic measurements) and
+micro-batch gradient accumulation.
 
 A *task* is what one training stage is to the shared loop
 (`ldm_jax.training.loop`), which jits `update` with explicit in/out shardings and
@@ -44,6 +45,16 @@ class Task(Protocol):
     PSNR and SSIM of the held-out reconstructions). Default: none."""
     del batch, images
     return {}
+
+
+class Evaluator(Protocol):
+  """What the loop calls every `every` steps and at the end to measure the state
+  (stage 2: `evaluation.periodic.Evaluator`); its scalars are logged as `eval/*`."""
+  every: int
+
+  def __call__(self, state: dict, mesh) -> dict:
+    """Scalars about `state` (not donated: the loop waits for them)."""
+    ...
 
 
 @runtime_checkable
