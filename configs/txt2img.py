@@ -30,9 +30,17 @@ def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZE
   c = config_lib.spine(batch_size={"tiny": 64, "base": 256}.get(arg.size, 2048))
   c.data = config_lib.data(arg.data, res)
   c.data.num_classes = classes  # a sample without a usable label is skipped, not a failed step
+  # Stable Diffusion weights to fine-tune ("" = train from scratch): a diffusers folder
+  # or a CompVis single file, local or an fsspec URL. They fix the first stage, the
+  # UNet, the text encoder and tokenizer, the schedule and the latent scale, so stage 1
+  # is skipped; the size's presets give way to them (ldm_jax/pretrained/finetune.py).
+  c.pretrained = ""
+  c.pretrained_config = ""     # single file: a diffusers folder of its configs + tokenizer
+  c.pretrained_tokenizer = ""  # single file: a CLIP tokenizer folder (without pretrained_config)
 
   # Stage 1: the perceptual autoencoder. tiny: f=4, 8x8 latents of 32 px images;
-  # base: the paper's kl-f8. SD's sizes train none: their VAE comes trained.
+  # base: the paper's kl-f8. SD's sizes train none: their VAE comes trained
+  # (config.pretrained).
   c.stage1 = config_lib.autoencoder_stage("kl", 4 if tiny else 8, "tiny" if tiny else "ref", res)
   c.stage1.total_steps = {"tiny": 1600, "base": 200_000}.get(arg.size, 0)
   c.stage1.batch_size = {"tiny": 16, "base": 96}.get(arg.size, 8)

@@ -91,7 +91,8 @@ def main(argv):
              n_cpu, os.cpu_count() or 1)
   from ldm_jax.training import run
   try:
-    run.train_and_evaluate(FLAGS.config, workdir)
+    explicit = config_flags.get_override_values(FLAGS["config"])
+    run.train_and_evaluate(FLAGS.config, workdir, explicit=tuple(explicit))
   except run.Preempted as e:
     log.warning("%s", e)
     sys.exit(run.EXIT_PREEMPTED)

@@ -159,3 +159,15 @@ def build(style: str, root: str = None) -> dict:
     _single_file(pipe, style, file)
     _CACHE[style] = dict(folder=folder, file=file, pipe=pipe)
   return _CACHE[style]
+
+
+if __name__ == "__main__":
+  # python -m tests.sd_fixtures OUT: the two tiny pipelines, for a CPU smoke run of a
+  # fine-tune (docs/pretrained.md): OUT/sd1/ (+ OUT/sd1.safetensors), OUT/sd2/ (+ OUT/sd2.ckpt).
+  import sys
+  if len(sys.argv) != 2:
+    sys.exit("usage: python -m tests.sd_fixtures OUT_DIR")
+  os.makedirs(sys.argv[1], exist_ok=True)
+  for name in ("sd1", "sd2"):
+    made = build(name, sys.argv[1])
+    print(f"{name}: {made['folder']} {made['file']}")

@@ -1,16 +1,25 @@
-"""Export round trip: Stable Diffusion weights -> an ldm_jax stage-2 checkpoint -> a
-diffusers folder and a CompVis single file, which diffusers reads back to the same
-UNet / VAE / text-encoder outputs as ldm_jax's modules; and what cannot be exported."""
+"""Fine-tune and export round trip: Stable Diffusion weights -> 3 fine-tune steps of
+`train_and_evaluate` on the 8 CPU devices (`config.pretrained`) -> a diffusers folder
+and a CompVis single file, which diffusers reads back to the same UNet / VAE /
+text-encoder outputs as ldm_jax's modules; what the fine-tune changed and kept; and
+what cannot be exported.
+
+sd1: from the diffusers folder, float32, data-parallel, text encoder trained.
+sd2: from the single file (configs from the folder), bfloat16, on a data x fsdp x
+tensor mesh, on the latent cache, text encoder frozen.
+"""
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from ldm_jax import checkpoint, config_lib, parallel, pretrained
-from ldm_jax.pretrained import export, files, stage2
+from ldm_jax import config_lib, pretrained
+from ldm_jax.pretrained import export, files, finetune
+from ldm_jax.training import run
 from ldm_jax.training.ldm import LDMTask
 
 torch = pytest.importorskip("torch")
@@ -18,49 +27,61 @@ diffusers = pytest.importorskip("diffusers")
 from tests import sd_fixtures  # noqa: E402  (needs torch and diffusers)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
 
 
-def _stage2_checkpoint(style: str, path: str):
-  """A stage-2 checkpoint of the tiny pipeline whose trained weights and EMA both moved
-  away from the pretrained ones (differently), as after fine-tuning.
+def finetune_config(style: str):
+  """configs/txt2img.py at SD's size, shrunk to 3 steps of a batch of 8 on the tiny
+  `style` pipeline; with the fields a user would set (as `explicit`)."""
+  fx = sd_fixtures.build(style)
+  txt2img = config_lib.sibling(os.path.join(ROOT, "configs", "txt2img.py"), "txt2img")
+  config = txt2img.get_config("size=sd15" if style == "sd1" else "size=sd2").unlock()
+  config.batch_size = config.stage2.batch_size = 8
+  config.stage2.total_steps = STEPS
+  config.stage2.warmup_steps = 0
+  config.stage2.lr = 1e-3  # steps that move the weights well above float32's rounding
+  config.log_every, config.num_samples = 1, 8
+  config.stage2.sample.steps = 2
+  if style == "sd1":
+    config.pretrained = fx["folder"]
+    config.stage2.text.trainable = True
+  else:
+    config.pretrained, config.pretrained_config = fx["file"], fx["folder"]
+    config.dtype = "bfloat16"
+    config.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
+    config.stage2.latent_cache = True
+  explicit = ("pretrained", "pretrained_config", "batch_size", "stage2.batch_size",
+              "stage2.total_steps", "stage2.warmup_steps", "stage2.lr", "log_every",
+              "num_samples", "stage2.sample.steps", "stage2.text.trainable", "dtype", "mesh",
+              "stage2.latent_cache")
+  return config, explicit
 
-  Returns (task, host state). sd1 trains its text encoder (params.cond), sd2 keeps it
-  frozen (frozen.cond).
-  """
-  p = pretrained.load(sd_fixtures.build(style)["folder"])
-  trainable = style == "sd1"
-  config = config_lib.for_stage(stage2.stage2_config(p, text_trainable=trainable), "stage2")
-  task = LDMTask(config)
-  mesh = parallel.make_mesh(config, jax.devices()[:1])  # a replica per device only costs here
-  abstract, shardings = parallel.abstract_state(task.init, jax.random.key(0), mesh,
-                                                parallel.rules_of(config))
-  pieces = stage2.state_pieces(p, text_trainable=trainable)
-  rng = np.random.default_rng(7)
-  moved = lambda tree: jax.tree.map(
-      lambda w: w + 0.01 * rng.standard_normal(w.shape).astype(np.float32), tree)
-  pieces.update(params=moved(pieces["params"]), ema=moved(pieces["params"]))
+
+def _fine_tune(style: str, workdir: str) -> dict:
+  """Runs the fine-tune: {workdir, ckpt, task (float32, of its model), state (host),
+  result (the loop's), p (the pretrained model it started from), seconds, cpu_seconds
+  (of all threads: what a busy machine does not inflate)}."""
+  config, explicit = finetune_config(style)
+  t0, cpu0 = time.time(), time.process_time()
+  result = run.train_and_evaluate(config, workdir, explicit=explicit)["ldm"]
+  seconds, cpu = time.time() - t0, time.process_time() - cpu0
+  resolved, p = finetune.resolve(config, explicit)
+  resolved.dtype = "float32"  # the parity checks compare float32 modules
+  task = LDMTask(config_lib.for_stage(resolved, "stage2"))
   keys = ("params", "ema", "frozen", "scale_factor")
-  state = stage2.place({k: abstract[k] for k in keys}, {k: shardings[k] for k in keys},
-                       {k: pieces[k] for k in keys})
-  # Hook: once training reads config.pretrained, the fine-tune steps run here (loop.run
-  # from this state on the 8 devices) before the checkpoint is exported.
-  state["opt"] = jax.jit(task.tx.init, out_shardings=shardings["opt"])(state["params"])
-  state["step"] = jax.device_put(np.zeros((), np.int32), shardings["step"])
-  ckpt = checkpoint.Checkpointer(path)
-  ckpt.save(0, state, {}, config_lib.to_dict(config))
-  ckpt.close()
-  return task, jax.device_get({k: state[k] for k in keys})
+  return dict(workdir=workdir, ckpt=os.path.join(workdir, "ldm", "checkpoints"), task=task,
+              state=jax.device_get({k: result["state"][k] for k in keys}), result=result,
+              p=p, seconds=seconds, cpu_seconds=cpu)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """style -> (checkpoint path, task, host state), each written once."""
+def tuned(tmp_path_factory):
+  """style -> `_fine_tune`'s dict, each fine-tuned once."""
   made = {}
 
   def get(style):
     if style not in made:
-      path = str(tmp_path_factory.mktemp(style) / "ckpt")
-      made[style] = (path,) + _stage2_checkpoint(style, path)
+      made[style] = _fine_tune(style, str(tmp_path_factory.mktemp(style) / "run"))
     return made[style]
   return get
 
@@ -69,8 +90,12 @@ def _torch(a):
   return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _check_outputs(task, state, pipe, trainable: bool):
-  """ldm_jax's modules on the exported (EMA) weights vs diffusers' from the export."""
+def _check_outputs(task, state, pipe, trainable: bool) -> dict:
+  """ldm_jax's modules on the exported (EMA) weights vs diffusers' from the export, each
+  to <= 1e-4; returns the max abs differences."""
+  err = {}
+  close = lambda name, a, b: (err.__setitem__(name, float(np.abs(np.asarray(a) - b).max())),
+                              np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=name))
   rng = np.random.default_rng(0)
   ema = state["ema"]
   cond = (ema if trainable else state["frozen"])["cond"]
@@ -78,13 +103,13 @@ def _check_outputs(task, state, pipe, trainable: bool):
   ours = task.cond.text_model.apply(cond, ids)
   with torch.no_grad():
     theirs = pipe.text_encoder(_torch(ids).long()).last_hidden_state.numpy()
-  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+  close("text", ours, theirs)
   x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
   t = np.array([5, 901], np.int32)
   ours = jax.jit(task.unet.apply)(ema["unet"], x, t, np.asarray(theirs))  # jit: far cheaper than eager
   with torch.no_grad():
     ref = pipe.unet(_torch(x).permute(0, 3, 1, 2), _torch(t), encoder_hidden_states=_torch(theirs))
-  np.testing.assert_allclose(ours, ref.sample.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
+  close("unet", ours, ref.sample.permute(0, 2, 3, 1).numpy())
   first = task.first.model
   ours = jax.jit(lambda v, z: first.apply(v, z, method=first.decode))(
       state["frozen"]["first_stage"], x)
@@ -94,14 +119,16 @@ def _check_outputs(task, state, pipe, trainable: bool):
   with torch.no_grad():
     dec = pipe.vae.decode(_torch(x).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
     enc = pipe.vae.encode(_torch(img).permute(0, 3, 1, 2)).latent_dist.mean
-  np.testing.assert_allclose(ours, dec, atol=1e-4, rtol=0)
-  np.testing.assert_allclose(mean, enc.permute(0, 2, 3, 1).numpy(), atol=1e-4, rtol=0)
+  close("vae.decode", ours, dec)
+  close("vae.encode", mean, enc.permute(0, 2, 3, 1).numpy())
+  return err
 
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
-def test_export_round_trip(style, tmp_path, checkpoints):
+def test_export_round_trip(style, tmp_path, tuned):
   from diffusers.loaders import single_file_utils as sfu
-  ckpt, task, state = checkpoints(style)
+  t = tuned(style)
+  ckpt, task, state = t["ckpt"], t["task"], t["state"]
   trainable = style == "sd1"
 
   folder = export.export_checkpoint(ckpt, str(tmp_path / "diffusers"))
@@ -110,7 +137,9 @@ def test_export_round_trip(style, tmp_path, checkpoints):
   assert pipe.scheduler.config.prediction_type == ("v_prediction" if style == "sd2" else "epsilon")
   assert (pipe.scheduler.config.steps_offset, pipe.scheduler.config.set_alpha_to_one) == (1, False)
   assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
-  _check_outputs(task, state, pipe, trainable)
+  err = _check_outputs(task, state, pipe, trainable)
+  print(f"{style}: fine-tune {t['seconds']:.1f} s ({t['cpu_seconds']:.1f} s CPU); "
+        f"export vs ldm_jax max |diff| {err}")
 
   # The single file, through the real entry point, with the trained (not EMA) weights.
   single = str(tmp_path / "sd.safetensors")
@@ -143,8 +172,45 @@ def test_export_round_trip(style, tmp_path, checkpoints):
   assert back.schedule == dict(task.config.stage2.schedule)
 
 
-def test_export_dtype_and_existing_output(tmp_path, checkpoints):
-  ckpt, task, state = checkpoints("sd2")
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_fine_tune_trains_the_unet_and_keeps_the_frozen(style, tuned):
+  """The steps trained the UNet (and sd1's text encoder); the VAE and sd2's frozen
+  text encoder are the files' bit for bit; the losses are finite (sd2: bfloat16)."""
+  t = tuned(style)
+  state, p = t["state"], t["p"]
+  assert [s for s, _ in t["result"]["logged"]] == list(range(1, STEPS + 1))
+  assert all(np.isfinite(m["loss"]) for _, m in t["result"]["logged"])
+  moved = lambda a, b: max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()),
+                                                        a, b)))
+  assert moved(state["params"]["unet"]["params"], p.params["unet"]) > 1e-4
+  assert moved(state["ema"]["unet"]["params"], p.params["unet"]) > 0
+  same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert same(state["frozen"]["first_stage"]["params"], p.params["vae"])
+  if style == "sd1":  # stage2.text.trainable=True
+    assert "cond" not in state["frozen"]
+    assert moved(state["params"]["cond"]["params"], p.params["text"]) > 1e-4
+  else:  # sd2: the text encoder frozen, the latents cached, bfloat16
+    assert "cond" not in state["params"]
+    assert same(state["frozen"]["cond"]["params"], p.params["text"])
+    assert files.isfile(os.path.join(t["workdir"], "ldm", "latents", "done.json"))
+  assert float(state["scale_factor"]) == pytest.approx(p.scale_factor)
+
+
+def test_fine_tune_resumes_from_its_checkpoint(tuned):
+  """Run again, the finished fine-tune restores its own step-3 state (the files'
+  weights are not put over it) and trains nothing more."""
+  t = tuned("sd1")
+  config, explicit = finetune_config("sd1")
+  again = run.train_and_evaluate(config, t["workdir"], explicit=explicit)["ldm"]
+  assert again["step"] == STEPS and again["logged"] == []
+  for key in ("params", "ema", "frozen"):
+    same = jax.tree.map(np.array_equal, jax.device_get(again["state"][key]), t["state"][key])
+    assert all(jax.tree.leaves(same)), key
+
+
+def test_export_dtype_and_existing_output(tmp_path, tuned):
+  t = tuned("sd2")
+  ckpt, task, state = t["ckpt"], t["task"], t["state"]
   out = export.export_checkpoint(ckpt, str(tmp_path / "half.safetensors"), fmt="single_file",
                                  dtype="float16")
   sd = files.read_weights(out)

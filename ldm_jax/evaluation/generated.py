@@ -31,7 +31,6 @@ from ldm_jax.data import shapes
 from ldm_jax.models import inception as inception_lib
 from ldm_jax.training import images as image_io
 
-log = logging.getLogger("ldm_jax")
 METRICS = ("fid", "kid", "is", "clip_score", "prompts")
 _INCEPTION_METRICS = ("fid", "kid", "is")
 

@@ -50,14 +50,20 @@ def config_overrides(p: Pretrained, *, text_trainable: bool = False) -> dict:
 
 
 def apply(config, overrides: dict) -> ml_collections.ConfigDict:
-  """An unlocked copy of `config` with the dotted `overrides` set (dicts as ConfigDicts)."""
+  """An unlocked copy of `config` with the dotted `overrides` set. A dict value is
+  merged into the section it replaces: keys the files do not hold (e.g.
+  `unet.attention`, an implementation choice) keep the config's value."""
   out = ml_collections.ConfigDict(config.to_dict())
   for dotted, value in overrides.items():
     *parents, leaf = dotted.split(".")
     node = out
     for name in parents:
       node = node[name]
-    node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    if isinstance(value, dict):
+      old = node.get(leaf)
+      value = ml_collections.ConfigDict(
+          {**(old.to_dict() if isinstance(old, ml_collections.ConfigDict) else {}), **value})
+    node[leaf] = value
   return out
 
 
@@ -68,8 +74,7 @@ def stage2_config(p: Pretrained, base=None, *, dtype: str = "float32",
   if base is None:
     from ldm_jax import config_lib
     size = "sd2" if p.text["act"] == "gelu" else "sd15"
-    arg = config_lib.parse_arg(f"size={size},data=wds", size="tiny", data="shapes")
-    base = config_lib.config_module("txt2img").ldm(arg, context="text")
+    base = config_lib.config_module("txt2img").get_config(f"size={size},data=wds").unlock()
     base.stage2.sample.guidance = 7.5  # Stable Diffusion's pipelines' default
   config = apply(base, config_overrides(p, text_trainable=text_trainable))
   config.dtype = dtype
@@ -85,14 +90,10 @@ def state_pieces(p: Pretrained, *, text_trainable: bool = False) -> dict:
               scale_factor=np.float32(p.scale_factor))
 
 
-def place(state: dict, shardings: dict, pieces: dict) -> dict:
-  """`state` with `pieces` put in, each array onto its leaf's sharding.
-
-  Raises:
-    ValueError naming the first leaf whose name or shape differs (a config that is
-    not `p`'s).
-  """
-  out = dict(state)
+def check(state, pieces: dict) -> None:
+  """Raises ValueError naming the first leaf of `state` (arrays or shapes, e.g. from
+  `jax.eval_shape`) whose name or shape differs in `pieces`: a config that is not
+  the files'."""
   for key, piece in pieces.items():
     ref = jax.tree_util.tree_flatten_with_path(state[key])[0]
     got = jax.tree_util.tree_flatten_with_path(piece)[0]
@@ -103,6 +104,13 @@ def place(state: dict, shardings: dict, pieces: dict) -> dict:
       if tuple(np.shape(a)) != tuple(np.shape(b)):
         raise ValueError(f"state.{key}{jax.tree_util.keystr(k)}: shape {np.shape(b)} in the "
                          f"files vs {np.shape(a)} in the model")
+
+
+def place(state: dict, shardings: dict, pieces: dict) -> dict:
+  """`state` with `pieces` put in, each array onto its leaf's sharding (after `check`)."""
+  check(state, pieces)
+  out = dict(state)
+  for key, piece in pieces.items():
     out[key] = jax.tree.map(lambda a, s, ref: jax.device_put(np.asarray(a, ref.dtype), s),
                             piece, shardings[key], state[key])
   return out

@@ -144,6 +144,7 @@ def _memory_report(compiled) -> str:
 def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator], *,
         sample_batch: Optional[dict] = None, devices=None,
         initial_values: Optional[Callable] = None,
+        initial_state: Optional[Callable] = None,
         evaluator: Optional[Evaluator] = None) -> dict:
   """Trains `task` for `config.total_steps` steps, resuming from `workdir`.
 
@@ -156,6 +157,9 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
     devices: the devices of the mesh (default: all).
     initial_values: (state, shardings) -> state, applied to a fresh (not restored)
       state; how stage 2 puts the trained first stage into its state.
+    initial_state: (abstract state, shardings) -> state: a fresh state made
+      without a random init (nothing compiled for it), in place of
+      `initial_values`; how a fine-tune starts from pretrained weights.
     evaluator: called every `evaluator.every` steps and after the last (None or
       every = 0: never); its scalars go to the log and to TensorBoard as eval/*.
 
@@ -182,6 +186,9 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       raise Diverged(message)
     loop_state = ckpt.loop_state(start)
     log.info("resumed from %s at step %d", ckpt.directory, start)
+  elif initial_state is not None:
+    abstract, shardings = parallel.abstract_state(task.init, init_rng, mesh, rules)
+    state, start = initial_state(abstract, shardings), 0
   else:
     state, shardings = parallel.create_sharded(task.init, init_rng, mesh, rules)
     start = 0

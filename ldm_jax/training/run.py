@@ -7,13 +7,16 @@
 
 Each stage trains in its own folder of the workdir (`autoencoder/`, `ldm/`) and
 resumes there. Stage 2 takes its first stage from the autoencoder trained just
-before, or from `config.stage2.first_stage_workdir` (the workdir of an earlier run).
+before, or from `config.stage2.first_stage_workdir` (the workdir of an earlier run),
+or, with `config.pretrained`, from Stable Diffusion's files, which also give the
+UNet and text encoder it starts from (`pretrained.finetune`).
 
 A SIGTERM stops the job at the next point where it can save (`Preempted`): a
 stage saves its checkpoint and nothing after it starts, so stage 2 is never
 built on an unfinished first stage; the same command resumes.
 """
 import logging
+from typing import Iterable, Optional
 
 import jax
 import ml_collections
@@ -21,6 +24,7 @@ import ml_collections
 from ldm_jax import config_lib, data as data_lib, parallel, storage
 from ldm_jax.data import make_iterator
 from ldm_jax.evaluation import periodic
+from ldm_jax.pretrained import finetune
 from ldm_jax.training import latent_cache, loop
 from ldm_jax.training.autoencoder import AutoencoderTask
 from ldm_jax.training.first_stage import FirstStage
@@ -91,10 +95,17 @@ def latent_data(c2, first: FirstStage, ldm_dir: str):
   return _data_factory(_on_latents(c2, pattern))
 
 
-def train_ldm(config, workdir: str, first: FirstStage) -> dict:
-  """Stage 2 in `workdir/ldm` on the frozen `first` stage; returns the loop's result."""
+def train_ldm(config, workdir: str, first: FirstStage, pieces: Optional[dict] = None) -> dict:
+  """Stage 2 in `workdir/ldm` on the frozen `first` stage; returns the loop's result.
+
+  `pieces`: pretrained arrays (`pretrained.finetune.pieces`) a fresh state starts
+  from, in place of random ones; a resumed state keeps its checkpoint's.
+  """
   c2 = config_lib.for_stage(config, "stage2")
   task = LDMTask(c2)
+  hooks = {"initial_values": lambda state, sh: first.put(task.initial_values(state, sh), sh)}
+  if pieces is not None:
+    hooks = {"initial_state": finetune.initial_state(task, pieces)}
   ldm_dir = storage.join(workdir, "ldm")
   make_data = latent_data(c2, first, ldm_dir) if c2.stage2.latent_cache else _data_factory(c2)
   n = max(c2.num_samples // jax.process_count(), 1)
@@ -103,12 +114,17 @@ def train_ldm(config, workdir: str, first: FirstStage) -> dict:
                if c2.stage2.eval.every else None)
   return loop.run(task, c2, ldm_dir, make_data,
                   sample_batch=task.cond.fixed_batch(n, data_batch),
-                  initial_values=lambda state, sh: first.put(task.initial_values(state, sh), sh),
-                  evaluator=evaluator)
+                  evaluator=evaluator, **hooks)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, explicit: Iterable[str] = ()) -> dict:
   """Runs the stages of `config.stages` in `workdir` (local or URL).
+
+  Args:
+    config: the recipe.
+    workdir: where each stage trains and resumes.
+    explicit: dotted config fields the user set (the command line's overrides):
+      with `config.pretrained`, each that the files also fix must agree with them.
 
   Returns:
     {stage name: the loop's result} of each stage run.
@@ -116,6 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     Preempted: SIGTERM; the running stage saved its checkpoint and nothing after
       it started (the command line exits with EXIT_PREEMPTED).
   """
+  config, weights = finetune.resolve(config, explicit)  # files read, nothing compiled
   config_lib.validate(config)  # every stage's settings, before any stage starts
   if "ldm" in config.stages:
     latent_cache.check_config(config)
@@ -128,8 +145,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
       results["autoencoder"] = train_autoencoder(config, workdir)
       _stop_if_asked(preemption, f"stage 1 saved step {results['autoencoder']['step']}")
     if "ldm" in config.stages:
-      first = FirstStage.restore(config, config.stage2.first_stage_workdir or workdir)
-      _stop_if_asked(preemption, "the scale factor")
-      results["ldm"] = train_ldm(config, workdir, first)
+      if weights is not None:
+        c2 = config_lib.for_stage(config, "stage2")
+        first = finetune.first_stage(c2, weights, parallel.make_mesh(c2))
+        pieces = finetune.pieces(config, weights)
+      else:
+        first, pieces = FirstStage.restore(config, config.stage2.first_stage_workdir or workdir), None
+        _stop_if_asked(preemption, "the scale factor")
+      results["ldm"] = train_ldm(config, workdir, first, pieces)
       _stop_if_asked(preemption, f"stage 2 saved step {results['ldm']['step']}")
   return results
