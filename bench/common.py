@@ -166,7 +166,8 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> f
 def txt2img_config(size: str = "tiny"):
   """The whole txt2img config of `size` (as configs/txt2img.py builds it)."""
   from ldm_jax import config_lib
-  return config_lib.ldm(config_lib.parse_arg(f"size={size}", size="tiny", data="shapes"))
+  txt2img = config_lib.sibling(config_lib.config_file("configs/txt2img.py"), "txt2img")
+  return txt2img.get_config(f"size={size},data=shapes").unlock()
 
 
 def shapes_batch(n: int, resolution: int, seed: int = 0) -> dict:
