@@ -122,17 +122,28 @@ def test_cast_params_once_changes_the_program_not_the_result(tmp_path):
   (l0, g0), (l1, g1) = grad(params, False), grad(params, True)
   np.testing.assert_allclose(l1, l0, rtol=1e-3)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3), g1, g0)
-  # ... and stage2.cast_params_once puts the cast into the step.
+  # ... and stage2.cast_params_once puts the cast into the step's loss: with and without
+  # it the same bfloat16 loss, and the UNet sees bfloat16 kernels only with it.
   c = _config(tmp_path, dtype="bfloat16").unlock()
-  jaxprs = []
+  seen, out = {}, {}
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, unet.UNetModel) and context.method_name == "__call__":
+      leaves = jax.tree.leaves(context.module.variables["params"])
+      seen[once] = {a.dtype for a in leaves if a.ndim >= 2}
+    return next_fun(*args, **kwargs)
+
   for once in (False, True):
     c.stage2.cast_params_once = once
     task = LDMTask(config_lib.for_stage(c.lock(), "stage2"))
     c = c.unlock()
-    state = nn.unbox(jax.eval_shape(task.init, jax.random.key(0)))  # shapes only
+    state = nn.unbox(task.init(jax.random.key(0)))
     host = task.cond.fixed_batch(2)
-    host["latent"] = np.zeros((2, task.latent_hw, task.latent_hw, task.first.z_channels))
-    args = (state["params"], task.prepare_batch(host), jax.random.key(1), state["frozen"],
-            state["scale_factor"])
-    jaxprs.append(str(jax.make_jaxpr(lambda *a: task._loss(*a)[0])(*args)))
-  assert jaxprs[0] != jaxprs[1]
+    host["latent"] = np.random.default_rng(1).standard_normal(  # the same for both
+        (2, task.latent_hw, task.latent_hw, task.first.z_channels))
+    with nn.intercept_methods(spy):
+      out[once] = float(jax.jit(lambda s, b: task._loss(
+          s["params"], b, jax.random.key(1), s["frozen"], s["scale_factor"])[0])(
+              state, task.prepare_batch(host)))
+  assert seen == {False: {jnp.dtype(jnp.float32)}, True: {jnp.dtype(jnp.bfloat16)}}
+  np.testing.assert_allclose(out[True], out[False], rtol=1e-2)
