@@ -19,16 +19,22 @@ from absl import app, flags
 
 from ldm_jax import cli
 
-flags.DEFINE_string("workdir", None, "A training workdir (its autoencoder/ checkpoints are used).")
-flags.DEFINE_string("checkpoint", None, "A stage-1 checkpoints folder (instead of --workdir).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_integer("num", 1000, "Held-out images to reconstruct.")
-flags.DEFINE_integer("batch", 100, "Global batch (rounded up to a multiple of the devices).")
-flags.DEFINE_string("inception", None, "FID Inception weights (.pth/.safetensors); rFID is "
-                    "skipped without them.")
-flags.DEFINE_string("shards", None, "wds runs: the held-out shards (brace pattern, glob, list).")
-flags.DEFINE_string("tfds_split", "validation", "tfds runs: the held-out split.")
-flags.DEFINE_string("out", None, "Where to write results.json (default: workdir/autoencoder/eval).")
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a program: `evaluate` is also
+  imported beside other entry points whose flags share these names."""
+  flags.DEFINE_string("workdir", None, "A training workdir (its autoencoder/ checkpoints are used).")
+  flags.DEFINE_string("checkpoint", None, "A stage-1 checkpoints folder (instead of --workdir).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("num", 1000, "Held-out images to reconstruct.")
+  flags.DEFINE_integer("batch", 100, "Global batch (rounded up to a multiple of the devices).")
+  flags.DEFINE_string("inception", None, "FID Inception weights (.pth/.safetensors); rFID is "
+                      "skipped without them.")
+  flags.DEFINE_string("shards", None, "wds runs: the held-out shards (brace pattern, glob, list).")
+  flags.DEFINE_string("tfds_split", "validation", "tfds runs: the held-out split.")
+  flags.DEFINE_string("out", None, "Where to write results.json (default: workdir/autoencoder/eval).")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -136,4 +142,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
