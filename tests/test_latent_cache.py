@@ -9,13 +9,13 @@ import sys
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 
 from ldm_jax import config_lib, data, parallel
 from ldm_jax.data import shards
 from ldm_jax.training import latent_cache, loop, run
 from ldm_jax.training.ldm import LDMTask
+from tests import ports
 from tests.test_configs import load
 
 
@@ -145,7 +145,7 @@ def cache_worker_config(workdir):
 
 
 def test_two_processes_build_one_cache(tmp_path):
-  port = portpicker.pick_unused_port()
+  port = ports.free_port()
   worker = os.path.join(os.path.dirname(__file__), "two_process_worker.py")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path), "cache"],

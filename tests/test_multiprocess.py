@@ -5,14 +5,13 @@ import sys
 
 import jax
 import numpy as np
-import portpicker
 
 from ldm_jax.training import loop
-from tests import toy
+from tests import ports, toy
 
 
 def test_two_processes_match_one(tmp_path):
-  port = portpicker.pick_unused_port()
+  port = ports.free_port()
   worker = os.path.join(os.path.dirname(__file__), "two_process_worker.py")
   out = tmp_path / "params.npz"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
