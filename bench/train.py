@@ -283,7 +283,6 @@ def main(argv=None):
   if args.compare_devices:
     return compare_devices(args)
   common.force_host_devices(args.devices)
-  import jax
   import jax.numpy as jnp
   print(common.machine_line())
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

@@ -66,7 +66,7 @@ def check_config(config) -> None:
   need(e.every >= 0, "every", "must be >= 0 (0 = off)")
   for field in ("num", "batch"):
     need(e[field] >= 1, field, "must be positive")
-  need(e.steps >= 0, "steps", f"must be >= 0 (0 = config.stage2.sample.steps)")
+  need(e.steps >= 0, "steps", "must be >= 0 (0 = config.stage2.sample.steps)")
   need(e.guidance >= 0, "guidance", "must be >= 0 (0 = config.stage2.sample.guidance)")
   metrics = metrics_of(e)
   need(metrics and all(m in generated.METRICS for m in metrics), "metrics",
