@@ -12,8 +12,10 @@ layouts: a diffusers folder (save_pretrained) and a CompVis single file.
 Both schedulers are SD's DDIM (scaled linear, leading spacing, steps_offset=1,
 set_alpha_to_one=False). Each pipeline is built once per process (`build`).
 """
+import atexit
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -40,14 +42,14 @@ def write_tokenizer(folder: str, pad: str, max_length: int = 16, extra: int = 0)
   vocab.update({"ca": 53, "cat</w>": 54, "do": 55, "dog</w>": 56, "<|startoftext|>": 57,
                 "<|endoftext|>": 58})
   vocab.update({f"x{i}</w>": 59 + i for i in range(extra)})
-  src = tempfile.mkdtemp()
-  with open(os.path.join(src, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(src, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
-  tok = CLIPTokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
-                      pad_token=pad, model_max_length=max_length)
-  tok.save_pretrained(folder)
+  with tempfile.TemporaryDirectory() as src:
+    with open(os.path.join(src, "vocab.json"), "w") as f:
+      json.dump(vocab, f)
+    with open(os.path.join(src, "merges.txt"), "w") as f:
+      f.write("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
+    tok = CLIPTokenizer(os.path.join(src, "vocab.json"), os.path.join(src, "merges.txt"),
+                        pad_token=pad, model_max_length=max_length)
+    tok.save_pretrained(folder)
   return len(tok)
 
 
@@ -58,9 +60,9 @@ def _pipeline(style: str, folder: str):
                          UNet2DConditionModel)
   sd2 = style == "sd2"
   torch.manual_seed(1 if sd2 else 0)
-  tok_dir = tempfile.mkdtemp()
-  n_vocab = write_tokenizer(tok_dir, "!" if sd2 else "<|endoftext|>")
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
+  with tempfile.TemporaryDirectory() as tok_dir:
+    n_vocab = write_tokenizer(tok_dir, "!" if sd2 else "<|endoftext|>")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
   width = 64 if sd2 else 128
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=n_vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
@@ -152,7 +154,9 @@ def build(style: str, root: str = None) -> dict:
   """
   _torch_threads()
   if style not in _CACHE:
-    root = root or tempfile.mkdtemp(prefix=f"tiny_{style}_")
+    if root is None:  # removed when the process ends
+      root = tempfile.mkdtemp(prefix=f"tiny_{style}_")
+      atexit.register(shutil.rmtree, root, True)
     folder = os.path.join(root, style)
     pipe = _pipeline(style, folder)
     file = os.path.join(root, f"{style}.safetensors" if style == "sd1" else f"{style}.ckpt")

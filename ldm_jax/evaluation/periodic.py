@@ -13,8 +13,10 @@ read from paths only. A metric whose file is named neither in the config nor in
 the environment is skipped, and the run says so once (and in every JSON); a file
 that is named but missing is an error. No other network stands in for them.
 """
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -129,7 +131,10 @@ class Evaluator:
     self.conditions = cond_lib.conditions_for(task, config, self.e.num, seed=self.e.seed)
     generated.check_conditions(self.metrics, self.conditions)
     # generated.evaluate keeps its per-batch files on a local disk.
-    self.local_dir = tempfile.mkdtemp(prefix="ldm_eval_") if storage.is_url(out_dir) else out_dir
+    self.local_dir = out_dir
+    if storage.is_url(out_dir):
+      self.local_dir = tempfile.mkdtemp(prefix="ldm_eval_")
+      atexit.register(shutil.rmtree, self.local_dir, True)
     self.judges = None
     if jax.process_index() == 0:
       for m, why in self.skipped.items():

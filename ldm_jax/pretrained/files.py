@@ -5,6 +5,7 @@ bfloat16 and reads only local paths, while this reads bfloat16 through ml_dtypes
 from any file object, and only the tensors asked for) or from torch pickles
 through `safe_pickle`, which runs none of their code. Nothing needs torch.
 """
+import atexit
 import json
 import os
 import shutil
@@ -101,6 +102,7 @@ def local_folder(path: str) -> str:
     return path
   fs, p = _fs(path)
   tmp = tempfile.mkdtemp(prefix="ldm_jax_tokenizer_")
+  atexit.register(shutil.rmtree, tmp, True)
   for name in fs.ls(p, detail=False):
     if fs.isfile(name):
       with fs.open(name, "rb") as src, open(os.path.join(tmp, os.path.basename(name)), "wb") as dst:
