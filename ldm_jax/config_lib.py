@@ -44,7 +44,7 @@ def spine(**overrides: Any) -> ml_collections.ConfigDict:
   c.ckpt_every = 500               # async Orbax save
   c.keep_ckpts = 3                 # checkpoints kept
   c.sample_every = 1000            # PNG grid + TensorBoard image (0 = only at the end)
-  c.num_samples = 16               # images in a sample grid
+  c.num_samples = 16               # images in a sample grid (0: no grids, not even the last)
   # Stop, keeping the last good checkpoint, when the loss exceeds its running mean by
   # more than this many times the running mean of |loss| (0 = off): a blow-up, far
   # outside the batch-to-batch noise of a loss, whatever its sign.
@@ -74,7 +74,7 @@ def _validate_spine(config, name) -> None:
   need(config.ckpt_every > 0, "ckpt_every", "must be positive")
   need(config.keep_ckpts > 0, "keep_ckpts", "must be positive")
   need(config.sample_every >= 0, "sample_every", "must be >= 0")
-  need(config.num_samples > 0, "num_samples", "must be positive")
+  need(config.num_samples >= 0, "num_samples", "must be >= 0 (0 = no sample grids)")
   need(config.divergence_factor >= 0, "divergence_factor", "must be >= 0 (0 = off)")
   need([a for a, _ in config.mesh] == list(parallel.MESH_AXES), "mesh",
        f"must list the axes {parallel.MESH_AXES}")

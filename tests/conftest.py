@@ -2,12 +2,37 @@
 optimisations off -- tests run a few steps of many models, so compiling, not
 running, is what they spend their time on (this halves it)."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the run, shared by its workers (they inherit
+# the variable) and the processes the tests start: many tests compile the same
+# programs. The process that made it removes it at the end.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldm_jax_xla_")
 
 import jax  # noqa: E402  (after the flags above)
 
 jax.config.update("jax_threefry_partitionable", True)
+
+# The longest files first, so that with `-n 2 --dist loadfile` the workers start on
+# them and the short files fill in at the end, instead of one long file running
+# alone last.
+LONGEST_FIRST = ("test_learning.py", "test_pretrained_export.py", "test_ldm.py",
+                 "test_entrypoints.py", "test_preemption.py", "test_periodic_eval.py",
+                 "test_latent_cache.py", "test_tasks.py", "test_sampling.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

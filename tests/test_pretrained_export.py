@@ -30,9 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 
 
-def finetune_config(style: str):
-  """configs/txt2img.py at SD's size, shrunk to 3 steps of a batch of 8 on the tiny
-  `style` pipeline; with the fields a user would set (as `explicit`)."""
+def finetune_config(style: str, data_dir: str):
+  """configs/txt2img.py at SD's size, shrunk to 3 steps of a batch of 8 on 64 shapes
+  images (written to `data_dir`) with the tiny `style` pipeline; with the fields a
+  user would set (as `explicit`)."""
   fx = sd_fixtures.build(style)
   txt2img = config_lib.sibling(os.path.join(ROOT, "configs", "txt2img.py"), "txt2img")
   config = txt2img.get_config("size=sd15" if style == "sd1" else "size=sd2").unlock()
@@ -42,6 +43,8 @@ def finetune_config(style: str):
   config.stage2.lr = 1e-3  # steps that move the weights well above float32's rounding
   config.log_every, config.num_samples = 1, 8
   config.stage2.sample.steps = 2
+  config.data.cache_dir = data_dir
+  config.data.shapes.num, config.data.shapes.shard_size = 64, 32  # the latent cache encodes all
   if style == "sd1":
     config.pretrained = fx["folder"]
     config.stage2.text.trainable = True
@@ -50,10 +53,11 @@ def finetune_config(style: str):
     config.dtype = "bfloat16"
     config.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
     config.stage2.latent_cache = True
+    config.num_samples = 0  # no sample grid (the sd1 run draws one)
   explicit = ("pretrained", "pretrained_config", "batch_size", "stage2.batch_size",
               "stage2.total_steps", "stage2.warmup_steps", "stage2.lr", "log_every",
               "num_samples", "stage2.sample.steps", "stage2.text.trainable", "dtype", "mesh",
-              "stage2.latent_cache")
+              "stage2.latent_cache", "num_samples")
   return config, explicit
 
 
@@ -61,7 +65,8 @@ def _fine_tune(style: str, workdir: str) -> dict:
   """Runs the fine-tune: {workdir, ckpt, task (float32, of its model), state (host),
   result (the loop's), p (the pretrained model it started from), seconds, cpu_seconds
   (of all threads: what a busy machine does not inflate)}."""
-  config, explicit = finetune_config(style)
+  data_dir = os.path.join(os.path.dirname(workdir), "data")
+  config, explicit = finetune_config(style, data_dir)
   t0, cpu0 = time.time(), time.process_time()
   result = run.train_and_evaluate(config, workdir, explicit=explicit)["ldm"]
   seconds, cpu = time.time() - t0, time.process_time() - cpu0
@@ -69,7 +74,7 @@ def _fine_tune(style: str, workdir: str) -> dict:
   resolved.dtype = "float32"  # the parity checks compare float32 modules
   task = LDMTask(config_lib.for_stage(resolved, "stage2"))
   keys = ("params", "ema", "frozen", "scale_factor")
-  return dict(workdir=workdir, ckpt=os.path.join(workdir, "ldm", "checkpoints"), task=task,
+  return dict(workdir=workdir, data_dir=data_dir, ckpt=os.path.join(workdir, "ldm", "checkpoints"), task=task,
               state=jax.device_get({k: result["state"][k] for k in keys}), result=result,
               p=p, seconds=seconds, cpu_seconds=cpu)
 
@@ -193,6 +198,8 @@ def test_fine_tune_trains_the_unet_and_keeps_the_frozen(style, tuned):
     assert "cond" not in state["params"]
     assert same(state["frozen"]["cond"]["params"], p.params["text"])
     assert files.isfile(os.path.join(t["workdir"], "ldm", "latents", "done.json"))
+  samples = os.path.join(t["workdir"], "ldm", "samples")  # num_samples = 0: no grid
+  assert os.path.isdir(samples) == (style == "sd1")
   assert float(state["scale_factor"]) == pytest.approx(p.scale_factor)
 
 
@@ -200,7 +207,7 @@ def test_fine_tune_resumes_from_its_checkpoint(tuned):
   """Run again, the finished fine-tune restores its own step-3 state (the files'
   weights are not put over it) and trains nothing more."""
   t = tuned("sd1")
-  config, explicit = finetune_config("sd1")
+  config, explicit = finetune_config("sd1", t["data_dir"])
   again = run.train_and_evaluate(config, t["workdir"], explicit=explicit)["ldm"]
   assert again["step"] == STEPS and again["logged"] == []
   for key in ("params", "ema", "frozen"):

@@ -78,8 +78,9 @@ def train_autoencoder(config, workdir: str) -> dict:
   """Stage 1 in `workdir/autoencoder`; returns the loop's result."""
   c = config_lib.for_stage(config, "stage1")
   per_process = max(c.num_samples // jax.process_count(), 1)
+  sample_batch = _first_batch(c, per_process, 1000, heldout=True) if c.num_samples else None
   return loop.run(AutoencoderTask(c), c, storage.join(workdir, "autoencoder"), _data_factory(c),
-                  sample_batch=_first_batch(c, per_process, 1000, heldout=True))
+                  sample_batch=sample_batch)
 
 
 def latent_data(c2, first: FirstStage, ldm_dir: str):
@@ -109,11 +110,12 @@ def train_ldm(config, workdir: str, first: FirstStage, pieces: Optional[dict] = 
   ldm_dir = storage.join(workdir, "ldm")
   make_data = latent_data(c2, first, ldm_dir) if c2.stage2.latent_cache else _data_factory(c2)
   n = max(c2.num_samples // jax.process_count(), 1)
-  data_batch = _first_batch(c2, n, 1000) if task.cond.concat != "none" else None
+  data_batch = (_first_batch(c2, n, 1000)
+                if c2.num_samples and task.cond.concat != "none" else None)
   evaluator = (periodic.Evaluator(task, c2, storage.join(ldm_dir, "eval"))
                if c2.stage2.eval.every else None)
   return loop.run(task, c2, ldm_dir, make_data,
-                  sample_batch=task.cond.fixed_batch(n, data_batch),
+                  sample_batch=task.cond.fixed_batch(n, data_batch) if c2.num_samples else None,
                   evaluator=evaluator, **hooks)
 
 
