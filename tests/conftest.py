@@ -28,6 +28,11 @@ LONGEST_FIRST = ("test_learning.py", "test_pretrained_export.py", "test_ldm.py",
                  "test_latent_cache.py", "test_tasks.py", "test_sampling.py", "test_evaluate.py")
 
 
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # xdist would put the most tests first
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
