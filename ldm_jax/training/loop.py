@@ -3,9 +3,10 @@ update step -> steps with logging, checkpoints, sample grids, periodic
 evaluation, divergence and SIGTERM handling. A stage plugs in as a Task (`ldm_jax.training.step`).
 
 No diverged state becomes a checkpoint. Step N's metrics are checked while step
-N+1 runs, so the host never waits on the device, except before a save: then
-they are checked first. They hold the loss of the state before step N and
-whether the state after it is finite. A state's own loss is known one step
+N+1 runs, so the host never waits on the device, except before a save or an
+evaluation: then they are checked first, and the state itself is checked to be
+finite (a program of its own, so the update step compiles no check). The metrics
+hold the loss of the state before step N. A state's own loss is known one step
 after it is saved, so a checkpoint whose next loss is non-finite or divergent
 is removed: the latest checkpoint is always one whose loss was seen good.
 """
@@ -37,6 +38,15 @@ def all_finite(tree) -> jax.Array:
   """True when every floating-point leaf of `tree` is free of NaN and Inf."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def state_finite(state: dict) -> jax.Array:
+  """True when the leaves an update writes from gradients (`params`, and a
+  discriminator's `disc_params`) are free of NaN and Inf. The rest follow them: the
+  EMA averages finite parameters, frozen parts never change, and a non-finite
+  gradient reaches the parameters through the optimizer in the same step (and the
+  next step's loss)."""
+  return all_finite({k: v for k, v in state.items() if k.endswith("params")})
 
 
 class _DivergenceGuard:
@@ -73,7 +83,7 @@ class _DivergenceGuard:
 
 def _non_finite_checkpoint(ckpt, abstract, step: int) -> str:
   """The error for a restored `step` whose state is not finite, naming the last finite one."""
-  is_finite = jax.jit(all_finite)
+  is_finite = jax.jit(state_finite)
   for s in reversed([s for s in ckpt.all_steps() if s < step]):
     if bool(is_finite(ckpt.restore(abstract, step=s)[0])):
       newer = [t for t in ckpt.all_steps() if t > s]
@@ -180,7 +190,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   if ckpt.latest_step() is not None:
     abstract, shardings = parallel.abstract_state(task.init, init_rng, mesh, rules)
     state, data_state, start = ckpt.restore(abstract, cfg_dict)
-    if not bool(jax.jit(all_finite)(state)):
+    if not bool(jax.jit(state_finite)(state)):
       message = _non_finite_checkpoint(ckpt, abstract, start)
       ckpt.close()
       raise Diverged(message)
@@ -211,10 +221,10 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
 
   def update(state, batch, rng):
     state, metrics = task.update(state, batch, jax.random.fold_in(rng, state["step"]))
-    return state, metrics, all_finite(state)
+    return state, metrics
 
   update = jax.jit(update, in_shardings=(shardings, batch_sh, None),
-                   out_shardings=(shardings, None, None), donate_argnums=0)
+                   out_shardings=(shardings, None), donate_argnums=0)
   batch = parallel.global_batch(task.prepare_batch(next(it)), mesh)
   t0 = time.time()
   with parallel.activate(mesh, rules):
@@ -277,18 +287,23 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       return removed + f"no checkpoint in {ckpt.directory} holds a good state: restart from scratch"
     return removed + f"restart from step {latest}, the latest checkpoint in {ckpt.directory}"
 
-  def check(metrics, finite, step):
-    """Step `step`'s metrics, from the state before it, and whether the state after
-    it is finite; raises Diverged naming the checkpoint to restart from."""
+  def check(metrics, step):
+    """Step `step`'s metrics, from the state before it; raises Diverged naming the
+    checkpoint to restart from."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     bad = {k: v for k, v in m.items() if not math.isfinite(v)}
     problem = f"non-finite metrics {bad}" if bad else guard.check(m.get("loss"))
     if problem:
       raise Diverged(f"{problem} at step {step}; {discard_from(step - 1)}")
-    if not bool(finite):
+    return m
+
+  is_finite = jax.jit(state_finite)
+
+  def check_state(state, step):
+    """Raises Diverged when the state after `step` is not finite."""
+    if not bool(is_finite(state)):
       raise Diverged(f"the update of step {step} made the state non-finite (NaN or Inf); "
                      f"{discard_from(step)}")
-    return m
 
   step, history, pending, logged = start, [], None, []
   t_last, step_last = time.time(), start
@@ -297,11 +312,11 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   try:
     with Preemption() as preemption:
       while step < config.total_steps:
-        state, metrics, finite = compiled(state, batch, step_rng)
+        state, metrics = compiled(state, batch, step_rng)
         step += 1
         if pending is not None:  # check the previous step while this one runs
           history.append(check(*pending))
-        pending = (metrics, finite, step)
+        pending = (metrics, step)
         is_log = step % config.log_every == 0 or step == config.total_steps
         is_ckpt = step % config.ckpt_every == 0
         if is_log or is_ckpt:
@@ -330,11 +345,13 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
           if pending is not None:
             history.append(check(*pending))
             pending = None
+          check_state(state, step)
           ckpt.save(step, state, it.get_state(), cfg_dict, loop_state=guard.state())
         if eval_every and step % eval_every == 0 and not stop:  # after the (async) save
           if pending is not None:  # a diverged state stops the run, not the metrics
             history.append(check(*pending))
             pending = None
+          check_state(state, step)
           t_last += evaluate(step)  # steps/s counts training only
         if stop:
           log.warning("SIGTERM: saved step %d, exiting", step)
@@ -346,6 +363,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       check(*pending)
     if not preempted:
       if ckpt.latest_step() != step:
+        check_state(state, step)
         ckpt.save(step, state, it.get_state(), cfg_dict, force=True, loop_state=guard.state())
       if not (config.sample_every and step % config.sample_every == 0):  # not just written
         save_samples(step)
