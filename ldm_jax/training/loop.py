@@ -49,6 +49,9 @@ def state_finite(state: dict) -> jax.Array:
   return all_finite({k: v for k, v in state.items() if k.endswith("params")})
 
 
+_is_finite = jax.jit(state_finite)  # one program for the resume, save and eval checks
+
+
 class _DivergenceGuard:
   """Running means of the loss and of |loss| over ~50 steps; a loss above the first
   by more than `factor` times the second is divergent. Scaled by |loss|, not by the
@@ -83,9 +86,8 @@ class _DivergenceGuard:
 
 def _non_finite_checkpoint(ckpt, abstract, step: int) -> str:
   """The error for a restored `step` whose state is not finite, naming the last finite one."""
-  is_finite = jax.jit(state_finite)
   for s in reversed([s for s in ckpt.all_steps() if s < step]):
-    if bool(is_finite(ckpt.restore(abstract, step=s)[0])):
+    if bool(_is_finite(ckpt.restore(abstract, step=s)[0])):
       newer = [t for t in ckpt.all_steps() if t > s]
       return (f"the checkpoint of step {step} in {ckpt.directory} holds NaN or Inf; the last "
               f"finite one is step {s}: remove the step folder(s) {newer} to resume from it")
@@ -190,7 +192,7 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
   if ckpt.latest_step() is not None:
     abstract, shardings = parallel.abstract_state(task.init, init_rng, mesh, rules)
     state, data_state, start = ckpt.restore(abstract, cfg_dict)
-    if not bool(jax.jit(state_finite)(state)):
+    if not bool(_is_finite(state)):
       message = _non_finite_checkpoint(ckpt, abstract, start)
       ckpt.close()
       raise Diverged(message)
@@ -297,11 +299,9 @@ def run(task: Task, config, workdir: str, make_data: Callable[..., DataIterator]
       raise Diverged(f"{problem} at step {step}; {discard_from(step - 1)}")
     return m
 
-  is_finite = jax.jit(state_finite)
-
   def check_state(state, step):
     """Raises Diverged when the state after `step` is not finite."""
-    if not bool(is_finite(state)):
+    if not bool(_is_finite(state)):
       raise Diverged(f"the update of step {step} made the state non-finite (NaN or Inf); "
                      f"{discard_from(step)}")
 
