@@ -23,6 +23,8 @@ import peer  # noqa: E402
 LEVERS = {
     "xla_conv": ("convolutions: XLA's convolution at every size (no im2col matmuls)",
                  dict(setup="xla_conv")),
+    "im2col_4096": ("convolutions: im2col matmuls up to 4096 GEMM rows (the default: 256)",
+                    dict(setup="im2col_4096")),
     "attention_xla": ("attention: jax.nn.dot_product_attention's XLA kernel",
                       dict(model_kw={"attention": "xla"})),
     "devices_2": ("2 CPU devices, the batch split over them (python -m ldm_jax.train's split)",
@@ -64,6 +66,9 @@ def _setup(name: str):
   if name == "xla_conv":
     from ldm_jax.models import layers
     layers.conv2d = jax.lax.conv_general_dilated
+  elif name == "im2col_4096":
+    from ldm_jax.models import layers
+    layers.IM2COL_MAX_ROWS = 4096
   elif name == "groupnorm_flax":
     from ldm_jax.models import layers
     layers.GroupNorm = common.flax_group_norm

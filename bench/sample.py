@@ -91,30 +91,46 @@ def loop_overhead(args, task, state, mesh, rules):
   b = args.overhead_batch
   batch = prompts_batch(task, b, mesh)
   rng = jax.random.key(1)
-  compiled, compile_s = {}, {}
+  n2 = 2 * b
+  unet_params = state["ema"]["unet"]
+  z = jnp.zeros((n2, task.latent_hw, task.latent_hw, task.unet.in_channels))
+  ts = jnp.full((n2,), 500, jnp.int32)
+  ctx = jnp.zeros((n2, task.cond.tokenizer.max_length, task.cond.text_model.width))
+
+  def bare_scan(n):
+    """n UNet calls at batch 2B in a lax.scan, nothing else: the loop without the sampler."""
+    def run(p, z, c):
+      def body(z, t):
+        return task.unet.apply(p, z, jnp.full((n2,), t, jnp.int32), c), None
+      return jax.lax.scan(body, z, jnp.arange(n, 0, -1) * 20)[0]
+    return run
+
+  calls, compile_s = {}, {}
   with parallel.activate(mesh, rules):
     for n in (10, 50):
-      fn = sampler_fn(task, steps=n, sampler="ddim", guidance=args.guidance)
-      compiled[n], compile_s[n] = common.compile_timed(fn, state, batch, rng)
-    # The best of several calls: on a shared machine a median still carries other jobs'
-    # bursts, and the per-step difference of two such medians is mostly their noise.
-    repeats = max(args.repeats, 7)
-    t = {n: common.time_calls(lambda n=n: compiled[n](state, batch, rng), warmup=1,
-                              repeats=repeats).best for n in (10, 50)}
-    # One UNet forward at the batch the guided sampler feeds it (2B).
-    n2 = 2 * b
-    unet_params = state["ema"]["unet"]
-    z = jnp.zeros((n2, task.latent_hw, task.latent_hw, task.unet.in_channels))
-    ts = jnp.full((n2,), 500, jnp.int32)
-    ctx = jnp.zeros((n2, task.cond.tokenizer.max_length, task.cond.text_model.width))
+      c, compile_s[n] = common.compile_timed(
+          sampler_fn(task, steps=n, sampler="ddim", guidance=args.guidance), state, batch, rng)
+      calls[("sampler", n)] = lambda c=c: c(state, batch, rng)
+      c, _ = common.compile_timed(bare_scan(n), unet_params, z, ctx)
+      calls[("bare", n)] = lambda c=c: c(unet_params, z, ctx)
     fwd, fwd_compile = common.compile_timed(
         lambda p, z, t, c: task.unet.apply(p, z, t, c), unet_params, z, ts, ctx)
-    t_fwd = common.time_calls(lambda: fwd(unet_params, z, ts, ctx), warmup=2,
-                              repeats=5 * repeats).best
-  per_step = (t[50] - t[10]) / 40
-  fixed = t[10] - 10 * per_step
-  return ["ddim + guidance", b, n2, per_step * 1e3, t_fwd * 1e3, (per_step - t_fwd) * 1e3,
-          (per_step - t_fwd) / per_step, fixed * 1e3, compile_s[10], compile_s[50], fwd_compile]
+    calls[("fwd", 1)] = lambda: fwd(unet_params, z, ts, ctx)
+    # Rounds of one call each, interleaved, and the best of each over the rounds: on a
+    # CPU whose speed drifts, separate blocks of calls differ by more than the overhead.
+    for call in calls.values():
+      jax.block_until_ready(call())
+    best = {k: float("inf") for k in calls}
+    for _ in range(max(args.repeats, 25)):
+      for k, call in calls.items():
+        best[k] = min(best[k], common.time_calls(call, warmup=0, repeats=1).best)
+  per_step = (best[("sampler", 50)] - best[("sampler", 10)]) / 40
+  bare = (best[("bare", 50)] - best[("bare", 10)]) / 40
+  t_fwd = best[("fwd", 1)]
+  fixed = best[("sampler", 10)] - 10 * per_step
+  return ["ddim + guidance", b, n2, per_step * 1e3, bare * 1e3, t_fwd * 1e3,
+          (per_step - bare) / per_step, (per_step - t_fwd) / per_step, fixed * 1e3,
+          compile_s[10], compile_s[50], fwd_compile]
 
 
 def throughput(args, task, state, mesh, rules):
@@ -195,9 +211,9 @@ def main(argv=None):
   if args.overhead_batch:
     row = loop_overhead(args, task, state, mesh, rules)
     common.print_table(
-        ["sampler", "B", "UNet batch", "scan ms/step", "UNet fwd ms", "overhead ms/step",
-         "overhead share", "fixed ms", "compile 10 steps s", "compile 50 steps s",
-         "compile UNet s"], [row],
+        ["sampler", "B", "UNet batch", "sampler ms/step", "bare scan ms/step", "UNet fwd ms",
+         "share over bare scan", "share over fwd", "fixed ms", "compile 10 steps s",
+         "compile 50 steps s", "compile UNet s"], [row],
         title="Loop overhead: per step of the scan = (t(50 steps) - t(10 steps)) / 40")
   rows = throughput(args, task, state, mesh, rules)
   common.print_table(
