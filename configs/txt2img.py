@@ -51,7 +51,7 @@ def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZE
 
   # Stage 2: the UNet on z = scale_factor * E(x).
   c.stage2 = config_lib.ldm_stage(arg.size, context=context, classes=classes, concat=concat)
-  c.stage2.total_steps = 2500 if tiny else 400_000
+  c.stage2.total_steps = 3000 if tiny else 400_000
   c.stage2.batch_size = c.batch_size
   if context == "text" and arg.data == "shapes":
     config_lib.shapes_text(c.stage2, words=arg.size in ("tiny", "base"))
