@@ -21,6 +21,7 @@ def _config(tmp_path, **kw):
   c.log_every = 1
   c.ckpt_every = 100
   c.sample_every = 0
+  c.num_samples = 0  # no sample grids: the pooled test samples itself
   for k, v in kw.items():
     c[k] = v
   return config_lib.for_stage(c, "stage2")

@@ -34,8 +34,7 @@ def test_sigterm_in_stage1_stops_the_job_and_the_same_command_resumes(tmp_path):
   cmd = [sys.executable, "-m", "ldm_jax.train", "--config=configs/txt2img.py", f"--workdir={wd}",
          "--cpu_devices=1", "--config.stage2.total_steps=2", "--config.stage2.batch_size=2",
          "--config.log_every=1", "--config.ckpt_every=1000", "--config.sample_every=0",
-         "--config.num_samples=2",
-         "--config.stage2.sample.steps=2", "--config.stage2.eval.every=0",
+         "--config.num_samples=0", "--config.stage2.eval.every=0",
          "--config.data.shapes.num=32",
          "--config.data.shapes.shard_size=16", f"--config.data.cache_dir={tmp_path}/cache"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
