@@ -1,6 +1,7 @@
 """Test setup, before jax is imported anywhere: 8 CPU devices, and XLA's backend
 optimisations off -- tests run a few steps of many models, so compiling, not
 running, is what they spend their time on (this halves it)."""
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ldm_jax_xla_")
 
 import jax  # noqa: E402  (after the flags above)
+import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -26,6 +28,17 @@ jax.config.update("jax_threefry_partitionable", True)
 LONGEST_FIRST = ("test_learning.py", "test_pretrained_export.py", "test_ldm.py",
                  "test_entrypoints.py", "test_preemption.py", "test_periodic_eval.py",
                  "test_latent_cache.py", "test_tasks.py", "test_sampling.py", "test_evaluate.py")
+
+
+@pytest.fixture(autouse=True)
+def _ldm_jax_logger_restored():
+  """Entry points run in-process set up console logging (their own handler, no
+  propagation to the root); undone after each test so that a later test's caplog,
+  which listens at the root, still sees ldm_jax's records."""
+  log = logging.getLogger("ldm_jax")
+  saved = log.handlers[:], log.level, log.propagate
+  yield
+  log.handlers[:], log.level, log.propagate = saved
 
 
 def pytest_configure(config):
