@@ -15,7 +15,7 @@ from ldm_jax import config_lib, data, parallel
 from ldm_jax.data import shards
 from ldm_jax.training import latent_cache, loop, run
 from ldm_jax.training.ldm import LDMTask
-from tests import ports
+from tests import host_init, ports
 from tests.test_configs import load
 
 
@@ -109,7 +109,8 @@ def test_stage2_trains_from_the_cache(tmp_path):
   def make(state, per_process):
     return data.make_iterator(lc.data, batch_size=per_process, seed=c.seed)
 
-  res = loop.run(LDMTask(c), c, str(tmp_path / "ldm"), make)
+  task = LDMTask(c)
+  res = loop.run(task, c, str(tmp_path / "ldm"), make, initial_state=host_init.initial_state(task))
   losses = [m["loss"] for _, m in res["logged"]]
   assert len(losses) == 2 and all(np.isfinite(losses))
 

@@ -8,6 +8,7 @@ import pytest
 from ldm_jax import config_lib, data
 from ldm_jax.training import loop
 from ldm_jax.training.ldm import LDMTask
+from tests import host_init
 from tests.test_configs import load
 
 
@@ -41,7 +42,9 @@ def test_eight_devices_train_like_one(tmp_path):
   for name, mesh, devices in [("one", [("data", 1), ("fsdp", 1), ("tensor", 1)], jax.devices()[:1]),
                               ("eight", [("data", 2), ("fsdp", 4), ("tensor", 1)], None)]:
     c = _config(tmp_path, mesh=mesh)
-    runs[name] = loop.run(LDMTask(c), c, str(tmp_path / name), _make_data(c), devices=devices)
+    task = LDMTask(c)
+    runs[name] = loop.run(task, c, str(tmp_path / name), _make_data(c), devices=devices,
+                          initial_state=host_init.initial_state(task))
   losses = {k: [m["loss"] for _, m in r["logged"]] for k, r in runs.items()}
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
   a, b = (jax.device_get(runs[k]["state"]["params"]) for k in ("one", "eight"))
@@ -78,11 +81,17 @@ def test_pooled_text_and_patched_unet_train_and_sample(tmp_path):
   task = LDMTask(c)
   width = task.cond.text_model.width
   assert task.unet.num_classes == "continuous" and task.unet.adm_in_channels == width
-  run = loop.run(task, c, str(tmp_path / "run"), _make_data(c), devices=jax.devices()[:1])
+  fresh = {}
+
+  def initial_state(abstract, shardings):
+    state = host_init.initial_state(task)(abstract, shardings)
+    fresh.update(jax.device_get(state))
+    return state
+  run = loop.run(task, c, str(tmp_path / "run"), _make_data(c), devices=jax.devices()[:1],
+                 initial_state=initial_state)
   state = jax.device_get(run["state"])
   assert all(np.isfinite(m["loss"]) for _, m in run["logged"])
   # the pooled path was trained: its first layer moved from its initial value
-  fresh = nn.unbox(jax.jit(task.init)(jax.random.key(c.seed)))
   moved = lambda p: p["params"]["unet"]["params"]["class_embedding"]["linear_1"]["kernel"]
   assert not np.allclose(moved(state), moved(fresh))
   batch = task.prepare_batch(task.cond.fixed_batch(2))
@@ -140,7 +149,7 @@ def test_cast_params_once_changes_the_program_not_the_result(tmp_path):
     task = LDMTask(config_lib.for_stage(c.lock(), "stage2"))
     c = c.unlock()
     if not out:  # one state for both: the flag changes the loss's program, not the state
-      state = nn.unbox(jax.jit(task.init)(jax.random.key(0)))
+      state = host_init.fill(nn.unbox(jax.eval_shape(task.init, jax.random.key(0))))
     host = task.cond.fixed_batch(2)
     host["latent"] = np.random.default_rng(1).standard_normal(  # the same for both
         (2, task.latent_hw, task.latent_hw, task.first.z_channels))
