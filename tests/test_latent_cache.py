@@ -110,7 +110,7 @@ def test_stage2_trains_from_the_cache(tmp_path):
     return data.make_iterator(lc.data, batch_size=per_process, seed=c.seed)
 
   task = LDMTask(c)
-  res = loop.run(task, c, str(tmp_path / "ldm"), make, initial_state=host_init.initial_state(task))
+  res = loop.run(task, c, str(tmp_path / "ldm"), make, initial_state=host_init.initial_state)
   losses = [m["loss"] for _, m in res["logged"]]
   assert len(losses) == 2 and all(np.isfinite(losses))
 

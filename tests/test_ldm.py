@@ -44,7 +44,7 @@ def test_eight_devices_train_like_one(tmp_path):
     c = _config(tmp_path, mesh=mesh)
     task = LDMTask(c)
     runs[name] = loop.run(task, c, str(tmp_path / name), _make_data(c), devices=devices,
-                          initial_state=host_init.initial_state(task))
+                          initial_state=host_init.initial_state)
   losses = {k: [m["loss"] for _, m in r["logged"]] for k, r in runs.items()}
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
   a, b = (jax.device_get(runs[k]["state"]["params"]) for k in ("one", "eight"))
@@ -84,8 +84,8 @@ def test_pooled_text_and_patched_unet_train_and_sample(tmp_path):
   fresh = {}
 
   def initial_state(abstract, shardings):
-    state = host_init.initial_state(task)(abstract, shardings)
-    fresh.update(jax.device_get(state))
+    state, params = host_init.state(abstract, shardings)
+    fresh.update(params=params)
     return state
   run = loop.run(task, c, str(tmp_path / "run"), _make_data(c), devices=jax.devices()[:1],
                  initial_state=initial_state)
@@ -149,7 +149,7 @@ def test_cast_params_once_changes_the_program_not_the_result(tmp_path):
     task = LDMTask(config_lib.for_stage(c.lock(), "stage2"))
     c = c.unlock()
     if not out:  # one state for both: the flag changes the loss's program, not the state
-      state = host_init.fill(nn.unbox(jax.eval_shape(task.init, jax.random.key(0))))
+      state, _ = host_init.state(nn.unbox(jax.eval_shape(task.init, jax.random.key(0))))
     host = task.cond.fixed_batch(2)
     host["latent"] = np.random.default_rng(1).standard_normal(  # the same for both
         (2, task.latent_hw, task.latent_hw, task.first.z_channels))

@@ -19,11 +19,11 @@ from tests.test_entrypoints import _run
 
 # Steps and examples cut to the shortest run measured to learn the background.
 STAGE1_STEPS = 250
-STAGE2_STEPS = 400
+STAGE2_STEPS = 200
 STAGE2_BATCH = 32
 EXAMPLES = 2000
 PROMPTS = 50
-# Background's chance is 1/8; this length reached 98% (docs/experiments.md).
+# Background's chance is 1/8; this length reached 84% (docs/experiments.md).
 MIN_BACKGROUND = 0.6
 
 

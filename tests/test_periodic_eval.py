@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -17,6 +18,7 @@ from ldm_jax.evaluation import inception_features, periodic, prompts
 from ldm_jax.training import run
 from ldm_jax.training.first_stage import FirstStage
 from ldm_jax.training.ldm import LDMTask
+from tests import host_init
 from tests.test_evaluate import BATCH, files, loaded, small_inception  # noqa: F401 (fixtures)
 from tests.test_sampling import load_config
 
@@ -40,7 +42,8 @@ def test_eval_during_training_logs_scalars_and_json(files, tmp_path):
   periodic.check_config(c)
   c2 = config_lib.for_stage(c, "stage2")
   first = FirstStage.from_config(c2)  # a random autoencoder: the test is about the plumbing
-  first = FirstStage.from_variables(c2, jax.jit(first.init)(jax.random.key(0)), 1.0,
+  variables = host_init.variables(nn.unbox(jax.eval_shape(first.init, jax.random.key(0))))
+  first = FirstStage.from_variables(c2, variables, 1.0,
                                     mesh=parallel.make_mesh(c2))
   res = run.train_ldm(c, str(tmp_path / "w"), first)
   assert [s for s, _ in res["evals"]] == [2, 3]  # every 2 steps, and the final state

@@ -12,6 +12,7 @@ from PIL import Image
 from ldm_jax import checkpoint, config_lib, parallel, sampling
 from ldm_jax.data import shapes
 from ldm_jax.training.ldm import LDMTask
+from tests import host_init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,13 +30,9 @@ def _save_untrained(config, path):
   c2 = config_lib.for_stage(config, "stage2")
   task = LDMTask(c2)
   mesh = parallel.make_mesh(c2)
-  abstract, _ = parallel.abstract_state(task.init, jax.random.key(0), mesh, parallel.rules_of(c2))
-  rng = np.random.default_rng(0)
-  def fill(a):
-    if a.ndim == 0 or not np.issubdtype(a.dtype, np.floating):  # step, scale_factor
-      return np.ones(a.shape, a.dtype)
-    return (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
-  state = jax.tree.map(lambda a: jax.device_put(fill(a), a.sharding), abstract)
+  abstract, shardings = parallel.abstract_state(task.init, jax.random.key(0), mesh,
+                                                parallel.rules_of(c2))
+  state, _ = host_init.state(abstract, shardings)
   ck = checkpoint.Checkpointer(path)
   ck.save(0, state, {}, config_lib.to_dict(c2))
   ck.close()

@@ -25,6 +25,7 @@ from PIL import Image
 from ldm_jax import checkpoint, config_lib, data, parallel, sampling
 from ldm_jax.data import shapes
 from ldm_jax.training.ldm import LDMTask
+from tests import host_init
 from tests.test_configs import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,26 +52,13 @@ def shrink(c, tmp, **fields):
   return config_lib.for_stage(c.lock(), "stage2")
 
 
-def _host_state(task, shardings, abstract):
-  """A fresh train state drawn on the host: random weights (the same for every
-  dtype), ema = params, a zero optimizer state (what Adam's init gives), step 0."""
-  rng = np.random.default_rng(0)
-  draw = lambda t: jax.tree.map(
-      lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), t)
-  params = draw(abstract["params"])
-  state = dict(abstract, step=np.zeros((), np.int32), params=params, ema=params,
-               frozen=draw(abstract["frozen"]), scale_factor=np.ones((), np.float32),
-               opt=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract["opt"]))
-  return jax.device_put(state, shardings), params
-
-
 def _train(name, arg, tmp_path, **fields):
   """STEPS updates of the task on its data; returns (config, workdir, result)."""
   c2 = shrink(load(name, arg), tmp_path, **fields)
   task = LDMTask(c2)
   mesh, rules = parallel.make_mesh(c2), parallel.rules_of(c2)
   abstract, shardings = parallel.abstract_state(task.init, jax.random.key(0), mesh, rules)
-  state, p0 = _host_state(task, shardings, abstract)
+  state, p0 = host_init.state(abstract, shardings)
   it = data.make_iterator(c2.data, batch_size=c2.batch_size, seed=c2.seed)
   first = next(it)
   # the periodic grids' batch has the task's inputs and its size (unconditional too)
