@@ -167,7 +167,7 @@ def test_command_table_json_tensorboard(files, command):
     assert 0 <= r["prompts/colour_kind_position"] <= r["prompts/kind"] <= 1
   assert rows[0]["fid"] != rows[1]["fid"]  # another guidance, other images
   wd = files["workdir"]
-  saved = json.load(open(os.path.join(wd, "eval", "results_step1.json")))
+  saved = json.load(open(os.path.join(wd, "eval", "results_step0.json")))
   assert saved["rows"][1]["fid"] == rows[1]["fid"]
   assert os.path.basename(saved["reference"]).startswith("reference_shapes-heldout_r32_n32")
   from tests.test_entrypoints import events
