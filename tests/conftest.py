@@ -31,14 +31,15 @@ LONGEST_FIRST = ("test_learning.py", "test_pretrained_export.py", "test_ldm.py",
 
 
 @pytest.fixture(autouse=True)
-def _ldm_jax_logger_restored():
-  """Entry points run in-process set up console logging (their own handler, no
-  propagation to the root); undone after each test so that a later test's caplog,
-  which listens at the root, still sees ldm_jax's records."""
+def _ldm_jax_logger_propagates():
+  """Entry points run in-process (some from module-scoped fixtures) set up console
+  logging: their own handler, no propagation to the root. Each test starts with that
+  undone, so that its caplog, which listens at the root, sees ldm_jax's records."""
   log = logging.getLogger("ldm_jax")
-  saved = log.handlers[:], log.level, log.propagate
+  log.handlers.clear()
+  log.setLevel(logging.NOTSET)
+  log.propagate = True
   yield
-  log.handlers[:], log.level, log.propagate = saved
 
 
 def pytest_configure(config):
