@@ -40,7 +40,7 @@ def _make_data(c):
 def test_eight_devices_train_like_one(tmp_path):
   runs = {}
   for name, mesh, devices in [("one", [("data", 1), ("fsdp", 1), ("tensor", 1)], jax.devices()[:1]),
-                              ("eight", [("data", 2), ("fsdp", 4), ("tensor", 1)], None)]:
+                              ("eight", [("data", 2), ("fsdp", 2), ("tensor", 2)], None)]:
     c = _config(tmp_path, mesh=mesh)
     task = LDMTask(c)
     runs[name] = loop.run(task, c, str(tmp_path / name), _make_data(c), devices=devices,
@@ -48,7 +48,9 @@ def test_eight_devices_train_like_one(tmp_path):
   losses = {k: [m["loss"] for _, m in r["logged"]] for k, r in runs.items()}
   np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-4)
   a, b = (jax.device_get(runs[k]["state"]["params"]) for k in ("one", "eight"))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5), a, b)
+  # atol: Adam's normalised step turns the tensor axis's other summation order on
+  # near-zero gradients into differences of a fraction of a step.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4), a, b)
 
 
 def test_context_dim_mismatch_is_named(tmp_path):

@@ -5,8 +5,9 @@ text-encoder outputs as ldm_jax's modules; what the fine-tune changed and kept; 
 what cannot be exported.
 
 sd1: from the diffusers folder, float32, data-parallel, text encoder trained.
-sd2: from the single file (configs from the folder), bfloat16, on a data x fsdp x
-tensor mesh, on the latent cache, text encoder frozen.
+sd2: from the single file (configs from the folder), bfloat16, on a data x fsdp
+mesh, on the latent cache, text encoder frozen. (Training on the tensor axis is
+test_ldm's eight-device test, checked against one device.)
 """
 import os
 import subprocess
@@ -51,7 +52,7 @@ def finetune_config(style: str, data_dir: str):
   else:
     config.pretrained, config.pretrained_config = fx["file"], fx["folder"]
     config.dtype = "bfloat16"
-    config.mesh = [("data", 2), ("fsdp", 2), ("tensor", 2)]
+    config.mesh = [("data", 2), ("fsdp", 4), ("tensor", 1)]
     config.stage2.latent_cache = True
     config.num_samples = 0  # no sample grid (the sd1 run draws one)
   explicit = ("pretrained", "pretrained_config", "batch_size", "stage2.batch_size",
