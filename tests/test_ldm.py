@@ -161,3 +161,19 @@ def test_cast_params_once_changes_the_program_not_the_result(tmp_path):
               state, task.prepare_batch(host)))
   assert seen == {False: {jnp.dtype(jnp.float32)}, True: {jnp.dtype(jnp.bfloat16)}}
   np.testing.assert_allclose(out[True], out[False], rtol=1e-2)
+
+
+def test_a_given_first_stage_is_not_drawn(tmp_path):
+  """`run.train_ldm`'s task leaves zeros where it puts the trained first stage; every
+  other draw is the one of a task that draws it."""
+  from tests.test_tasks import shrink
+  c = shrink(load("unconditional"), tmp_path)
+  drawn, given = LDMTask(c), LDMTask(c, first_stage_given=True)
+  a, b = jax.jit(lambda r: nn.unbox((drawn.init(r), given.init(r))))(jax.random.key(0))
+  assert all(not np.any(x) for x in jax.tree.leaves(b["frozen"]["first_stage"]))
+  assert all(np.any(x) for x in jax.tree.leaves(a["frozen"]["first_stage"]["params"])
+             if x.ndim > 1)
+  same = jax.tree.map(np.array_equal, {k: a[k] for k in a if k != "frozen"},
+                      {k: b[k] for k in b if k != "frozen"})
+  assert all(jax.tree.leaves(same))
+  assert set(a["frozen"]) == set(b["frozen"])

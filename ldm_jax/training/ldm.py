@@ -63,9 +63,13 @@ def check_config(config) -> None:
 class LDMTask(Task):
   """eps_theta(z_t, t, tau(y)) on the latents of a frozen first stage."""
 
-  def __init__(self, config):
+  def __init__(self, config, *, first_stage_given: bool = False):
+    """`first_stage_given`: the caller puts trained first-stage weights into a fresh
+    state (as `run.train_ldm` does), so `init` leaves zeros there instead of drawing
+    them (their initialiser is about a third of the state's compile)."""
     check_config(config)
     self.config = config
+    self.first_stage_given = first_stage_given
     c = config.stage2
     self.c = c
     self.dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
@@ -91,7 +95,11 @@ class LDMTask(Task):
     params = {"unet": self.unet.init(r_unet, z, jnp.zeros((b,), jnp.int32), ctx, y)}
     if trainable_cond is not None:
       params["cond"] = trainable_cond
-    frozen = {"first_stage": self.first.init(r_first)}
+    if self.first_stage_given:
+      frozen = {"first_stage": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                            jax.eval_shape(self.first.init, r_first))}
+    else:
+      frozen = {"first_stage": self.first.init(r_first)}
     if frozen_cond is not None:
       frozen["cond"] = frozen_cond
     return dict(step=jnp.zeros((), jnp.int32), params=params, ema=params,

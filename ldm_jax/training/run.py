@@ -103,7 +103,7 @@ def train_ldm(config, workdir: str, first: FirstStage, pieces: Optional[dict] = 
   from, in place of random ones; a resumed state keeps its checkpoint's.
   """
   c2 = config_lib.for_stage(config, "stage2")
-  task = LDMTask(c2)
+  task = LDMTask(c2, first_stage_given=True)
   hooks = {"initial_values": lambda state, sh: first.put(task.initial_values(state, sh), sh)}
   if pieces is not None:
     hooks = {"initial_state": finetune.initial_state(task, pieces)}
