@@ -35,7 +35,8 @@ def test_sigterm_in_stage1_stops_the_job_and_the_same_command_resumes(tmp_path):
          "--cpu_devices=1", "--config.stage2.total_steps=2", "--config.stage2.batch_size=2",
          "--config.log_every=1", "--config.ckpt_every=1000", "--config.sample_every=0",
          "--config.num_samples=0", "--config.stage2.eval.every=0",
-         "--config.data.shapes.num=32",
+         "--config.data.shapes.num=32", "--config.stage2.unet.channel_mult=(1,)",
+         "--config.stage2.unet.attention_resolutions=(1,)",
          "--config.data.shapes.shard_size=16", f"--config.data.cache_dir={tmp_path}/cache"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
   # One device (not the suite's 8 on 2 cores), XLA's optimisations still off.
