@@ -23,7 +23,7 @@ STAGE2_STEPS = 200
 STAGE2_BATCH = 32
 EXAMPLES = 2000
 PROMPTS = 50
-# Background's chance is 1/8; this length reached 84% (docs/experiments.md).
+# Background's chance is 1/8; this length reached 86% (docs/experiments.md).
 MIN_BACKGROUND = 0.6
 
 
