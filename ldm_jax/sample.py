@@ -35,6 +35,8 @@ flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace", 
                   "zero-terminal-SNR schedule).")
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
 flags.DEFINE_float("guidance_rescale", 0.0, "Guidance rescale phi (Lin et al. 2023).")
+flags.DEFINE_list("guidance_interval", None, "lo,hi: guidance only at t / T in [lo, hi] "
+                  "(Kynkaanniemi et al. 2024; default: the config's, every step).")
 flags.DEFINE_enum("sampler", "ddim", ["ddim", "ddpm", "plms", "dpmpp_2m"], "Sampler.")
 flags.DEFINE_float("eta", 0.0, "DDIM eta.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
@@ -49,10 +51,20 @@ flags.DEFINE_string("layout", None, "Layout-to-image models: the semantic / layo
 flags.DEFINE_bool("ema", True, "Use the EMA weights.")
 flags.DEFINE_string("out", "samples", "Output folder.")
 # Every two-word flag also answers to its hyphenated spelling (--init-image = --init_image).
-for _name in ("prompts_file", "negative_prompt", "guidance_rescale", "init_image",
-              "timestep_spacing"):
+for _name in ("prompts_file", "negative_prompt", "guidance_rescale", "guidance_interval",
+              "init_image", "timestep_spacing"):
   flags.DEFINE_alias(_name.replace("_", "-"), _name)
 FLAGS = flags.FLAGS
+
+
+def _interval(values):
+  if values is None:
+    return None
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError:
+    raise app.UsageError(f"--guidance_interval={','.join(values)}: "
+                         "expected two numbers lo,hi") from None
 
 
 def main(argv):
@@ -67,6 +79,7 @@ def main(argv):
       negative=list(FLAGS.negative_prompt), labels=list(FLAGS.label), num=FLAGS.num,
       steps=FLAGS.steps, timestep_spacing=FLAGS.timestep_spacing, guidance=FLAGS.guidance,
       guidance_rescale=FLAGS.guidance_rescale,
+      guidance_interval=_interval(FLAGS.guidance_interval),
       sampler=FLAGS.sampler, eta=FLAGS.eta, seed=FLAGS.seed, height=FLAGS.height,
       width=FLAGS.width, init_image=FLAGS.init_image, strength=FLAGS.strength, mask=FLAGS.mask,
       lowres=FLAGS.lowres, layout=FLAGS.layout, ema=FLAGS.ema)

@@ -31,6 +31,7 @@ class Request:
   timestep_spacing: Optional[str] = None  # None: the config's (see ldm.timestep_spacing)
   guidance: Optional[float] = None
   guidance_rescale: float = 0.0
+  guidance_interval: Optional[tuple] = None  # (lo, hi) in t / T; None: the config's
   sampler: str = "ddim"
   eta: float = 0.0
   seed: int = 0
@@ -57,6 +58,9 @@ def check_request(req: Request) -> None:
   need(req.eta >= 0.0, "eta", req.eta, "must be >= 0")
   need(0.0 <= req.guidance_rescale <= 1.0, "guidance_rescale", req.guidance_rescale,
        "must be in [0, 1]")
+  gi = req.guidance_interval
+  need(gi is None or (len(gi) == 2 and 0.0 <= float(gi[0]) <= float(gi[1]) <= 1.0),
+       "guidance_interval", gi, "expected lo,hi with 0 <= lo <= hi <= 1 (fractions of T)")
   for flag in ("height", "width"):
     value = getattr(req, flag)
     need(value is None or value >= 1, flag, value, "must be at least 1")
@@ -178,6 +182,8 @@ def build_batch(task, config, req: Request) -> tuple[dict, list]:
     batch["image"] = np.repeat(up[None], n, 0)
   settings = dict(steps=steps, timestep_spacing=spacing,
                   steps_offset=offset if spacing == "leading" else 0, guidance=guidance, guidance_rescale=req.guidance_rescale,
+                  guidance_interval=tuple(map(float, req.guidance_interval or
+                                              c2.sample.get("guidance_interval", (0.0, 1.0)))),
                   sampler=req.sampler, eta=req.eta, seed=req.seed, height=h, width=w,
                   init_image=req.init_image, strength=req.strength, mask=req.mask,
                   lowres=req.lowres, layout=req.layout, ema=req.ema)
@@ -221,7 +227,8 @@ def sample_request(task, state, mesh, config, req: Request) -> tuple[np.ndarray,
                     spacing=meta[0]["timestep_spacing"], guidance=meta[0]["guidance"],
                     sampler=req.sampler, eta=req.eta,
                     use_ema=req.ema, height=meta[0]["height"], width=meta[0]["width"],
-                    strength=req.strength, rescale=req.guidance_rescale)
+                    strength=req.strength, rescale=req.guidance_rescale,
+                    interval=meta[0]["guidance_interval"])
   return images, meta
 
 

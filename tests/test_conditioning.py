@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_jax import config_lib, parallel, sampling
+from ldm_jax.diffusion import samplers
 from ldm_jax.training import conditioning
 from ldm_jax.training.first_stage import FirstStage
 from ldm_jax.training.ldm import LDMTask, ema_update, timestep_spacing
@@ -178,6 +179,7 @@ def test_request_defaults_to_the_config():
   task = LDMTask(c2)
   _, meta = sampling.build_batch(task, c2, sampling.Request(prompts=["a"], num=1))
   assert meta[0]["steps"] == 7 and meta[0]["timestep_spacing"] == "leading"
+  assert meta[0]["guidance_interval"] == (0.0, 1.0)
   _, meta = sampling.build_batch(task, c2, sampling.Request(prompts=["a"], num=1, steps=3,
                                                             timestep_spacing="trailing"))
   assert meta[0]["steps"] == 3 and meta[0]["timestep_spacing"] == "trailing"
@@ -190,3 +192,19 @@ def test_request_defaults_to_the_config():
                                         (6, 2, 3), (2, 1, 2), (12, 4, 4)])
 def test_grid_is_near_square(n, num, cols):
   assert sampling.grid_columns(n, num) == cols
+
+
+def test_guidance_interval_reaches_the_sampler_and_is_checked(monkeypatch):
+  seen, cfg = [], samplers.cfg_model_fn
+  monkeypatch.setattr(samplers, "cfg_model_fn",
+                      lambda *a, **k: seen.append(a[5:]) or cfg(*a, **k))
+  for interval, want in (((0.0, 1.0), None), ((0.25, 0.75), (250.0, 750.0))):
+    task = LDMTask(_stage2("txt2img", **{"stage2.sample.guidance_interval": interval}))
+    state = jax.eval_shape(task.init, jax.random.key(0))  # traced, not compiled
+    batch = task.prepare_batch({"caption": np.array(["a red circle"], object)})
+    jax.eval_shape(lambda s, b: task.sample(s, b, jax.random.key(1), steps=2, guidance=3.0),
+                   state, batch)
+    assert seen.pop() == (want,)
+  for bad in ((0.5, 0.25), (0.0, 1.5)):
+    with pytest.raises(ValueError, match="sample.guidance_interval"):
+      LDMTask(_stage2("txt2img", **{"stage2.sample.guidance_interval": bad}))

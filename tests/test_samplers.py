@@ -174,6 +174,10 @@ def test_guidance_scale_one_and_rescale():
   calls = []
   P.cfg_model_fn(lambda z, t, c: calls.append(z.shape) or z, cond, uncond, 3.0)(z, t)
   assert calls == [(6, 5)]
+  # A guidance interval: guided at t in [100, 500], conditional elsewhere, per example.
+  t3 = jnp.array([99, 100, 700], jnp.int32)
+  got = P.cfg_model_fn(apply, cond, uncond, 7.5, interval=(100, 500))(z, t3)
+  np.testing.assert_allclose(got, np.stack([out_c[0], guided[1], out_c[2]]), rtol=1e-5)
 
 
 def test_img2img_and_inpainting(cosine):

@@ -273,19 +273,23 @@ def ddim_invert(model_fn, z0, schedule: Schedule, *, steps: int = 50, spacing: s
   return jax.lax.scan(body, z0, (t_from, t_to, t_eval))[0]
 
 
-def cfg_model_fn(apply: Callable, cond, uncond, scale: float, rescale: float = 0.0):
+def cfg_model_fn(apply: Callable, cond, uncond, scale: float, rescale: float = 0.0,
+                 interval=None):
   """Classifier-free guidance as a model_fn: out = out_u + scale (out_c - out_u).
 
   Both halves run in ONE batch (concatenated along the batch axis). A negative prompt
   is just a different `uncond`. `rescale` = phi of Lin et al. 2023 (Sec. 3.4): the
   guided output is rescaled to the per-example std of the conditional output,
   out = phi * out * std(out_c) / std(out) + (1 - phi) * out (diffusers' guidance_rescale).
+  `interval` = (t_lo, t_hi): guidance only at timesteps t_lo <= t <= t_hi, the
+  conditional output elsewhere (Kynkaanniemi et al. 2024, guidance in a limited interval).
 
   Args:
     apply: (z_t, t, c) -> raw model output; c a pytree of arrays with a batch axis.
     cond, uncond: conditioning pytrees of the same structure, batch B each.
     scale: guidance scale s (1 gives the conditional model).
     rescale: phi in [0, 1].
+    interval: None (every step) or (t_lo, t_hi) in the model's timesteps.
 
   Returns:
     model_fn(z_t, t).
@@ -301,6 +305,9 @@ def cfg_model_fn(apply: Callable, cond, uncond, scale: float, rescale: float = 0
       std_c = jnp.std(out_c, axis=axes, keepdims=True)
       std = jnp.std(out, axis=axes, keepdims=True)
       out = rescale * out * std_c / std + (1 - rescale) * out
+    if interval is not None:
+      on = (t >= interval[0]) & (t <= interval[1])
+      out = jnp.where(on.reshape((-1,) + (1,) * (out.ndim - 1)), out, out_c)
     return out
   return model_fn
 

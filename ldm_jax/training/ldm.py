@@ -58,6 +58,10 @@ def check_config(config) -> None:
   if c.timestep_sampling not in losses.TIMESTEP_SAMPLINGS:
     raise ValueError(f"config.stage2.timestep_sampling={c.timestep_sampling!r} is not one of "
                      f"{losses.TIMESTEP_SAMPLINGS}")
+  interval = tuple(c.sample.get("guidance_interval", (0.0, 1.0)))
+  if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+    raise ValueError(f"config.stage2.sample.guidance_interval={interval}: expected (lo, hi) "
+                     "with 0 <= lo <= hi <= 1 (fractions of the T timesteps)")
 
 
 class LDMTask(Task):
@@ -166,7 +170,8 @@ class LDMTask(Task):
 
   # -- sampling ------------------------------------------------------------
   def sample(self, state, batch, rng, *, steps=None, guidance=None, sampler=None, eta=0.0,
-             use_ema=True, height=None, width=None, strength=1.0, rescale=0.0, spacing=None):
+             use_ema=True, height=None, width=None, strength=1.0, rescale=0.0, spacing=None,
+             interval=None):
     """Images in [-1, 1] for `batch` with classifier-free guidance.
 
     `batch` holds the condition (tokens / label / image for concat models), and
@@ -175,8 +180,9 @@ class LDMTask(Task):
     inpainting from pure noise with any model, the kept region pasted in at every
     step; an inpainting-concat UNet also reads it as its mask input). `spacing`
     defaults to `timestep_spacing(config.stage2)`; 'leading' adds
-    `sample.steps_offset`. `z_T` (B, h, w, c), if given, is the initial latent
-    noise in place of noise drawn from `rng`.
+    `sample.steps_offset`. `interval` (lo, hi): guidance only at t / T in [lo, hi]
+    (None: `sample.guidance_interval`). `z_T` (B, h, w, c), if given, is the initial
+    latent noise in place of noise drawn from `rng`.
     """
     s = self.c.sample
     steps = steps or s.steps
@@ -197,7 +203,9 @@ class LDMTask(Task):
 
     if guidance != 1.0 and self.cond.guidable:
       uncond = self.cond.null(params.get("cond"), frozen.get("cond"), cond, batch.get("negative"))
-      model_fn = samplers.cfg_model_fn(apply, cond, uncond, guidance, rescale)
+      lo, hi = interval or s.get("guidance_interval", (0.0, 1.0))
+      interval = None if (lo, hi) == (0.0, 1.0) else (lo * self.schedule.T, hi * self.schedule.T)
+      model_fn = samplers.cfg_model_fn(apply, cond, uncond, guidance, rescale, interval)
     else:
       model_fn = lambda z_t, t: apply(z_t, t, cond)
     init_latent = mask = known = None
@@ -273,6 +281,8 @@ def default_config(size: str = "tiny", *, context: str = "text", classes: int = 
       # diffusers' names: 'leading' | 'trailing' | 'linspace' (| CompVis 'quadratic');
       # 'auto' = 'trailing' on a zero-terminal-SNR schedule, else 'leading'
       timestep_spacing="auto",
+      # guidance only at t / T in [lo, hi] (Kynkaanniemi et al. 2024); (0, 1) = every step
+      guidance_interval=(0.0, 1.0),
       steps_offset=1 if size in ("sd15", "sd2") else 0,  # added to 'leading' (SD's scheduler: 1)
       # False: the last step ends at alphas_cumprod[0], not a = 1 (SD's scheduler)
       set_alpha_to_one=size not in ("sd15", "sd2")))
