@@ -64,14 +64,22 @@ def _allgather_json(obj) -> list:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """Dotted names of fields that differ and would change what the state holds."""
+  """Dotted names of fields that differ and would change what the state holds.
+
+  Not compared: runtime fields, the sampler's settings (a `sample` section), and a
+  field the checkpoint predates (absent there) that the config leaves off (0, False,
+  empty), as each option is added.
+  """
   flat_s = flax.traverse_util.flatten_dict(saved, sep=".")
   flat_c = flax.traverse_util.flatten_dict(current, sep=".")
   diffs = []
   for key in sorted(set(flat_s) | set(flat_c)):
-    if key.split(".")[0] in _RUNTIME_FIELDS or key.split(".")[-1] in _RUNTIME_FIELDS:
+    parts = key.split(".")
+    if parts[0] in _RUNTIME_FIELDS or parts[-1] in _RUNTIME_FIELDS or "sample" in parts[:-1]:
       continue
-    if key.split(".")[0] not in current:  # a section this stage does not use (stage 1: stage2)
+    if parts[0] not in current:  # a section this stage does not use (stage 1: stage2)
+      continue
+    if key not in flat_s and not flat_c[key]:
       continue
     a, b = flat_s.get(key, "<absent>"), flat_c.get(key, "<absent>")
     if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):

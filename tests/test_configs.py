@@ -1,4 +1,5 @@
 """Every config file loads with every documented arg; bad fields fail by name."""
+import copy
 import importlib.util
 import os
 import subprocess
@@ -92,6 +93,18 @@ def test_stage1_checkpoint_stays_valid_when_stage2_changes():
   s2a, s2b = (config_lib.to_dict(config_lib.for_stage(c, "stage2")) for c in (a, b))
   assert "stage2.prediction_type: checkpoint 'v' vs config 'x0'" in (
       checkpoint.config_differences(s2a, s2b))
+  # a checkpoint from before an option existed matches a config that leaves it off;
+  # the sampler's settings never decide what the state holds
+  old = copy.deepcopy(s1a)
+  del old["stage1"]["loss"]["latent_noise"]
+  assert checkpoint.config_differences(old, s1a) == []
+  s1a["stage1"]["loss"]["latent_noise"] = 0.2
+  assert checkpoint.config_differences(old, s1a) == [
+      "stage1.loss.latent_noise: checkpoint '<absent>' vs config 0.2"]
+  del s2a["stage2"]["sample"]["guidance_interval"]
+  s2a["stage2"]["sample"]["guidance"] = 7.0
+  assert checkpoint.config_differences(s2a, config_lib.to_dict(
+      config_lib.for_stage(a, "stage2"))) == []
 
 
 def _leaves(d, prefix=""):
