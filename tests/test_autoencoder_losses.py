@@ -144,3 +144,43 @@ def test_config_validation():
   cfg.stage1.loss.gradient_weight = -1.0
   with pytest.raises(ValueError, match="stage1.loss.gradient_weight"):
     AutoencoderTask(cfg)
+
+
+def test_noisy_round_trip_decodes_noised_latents():
+  from ldm_jax.training.autoencoder import _noisy_round_trip
+  t = _task(1, disc_start=10**9)
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (3, 16, 16, 3)), jnp.float32)
+  v = t.model.init(jax.random.PRNGKey(0), x)
+  r = jax.random.PRNGKey(3)
+  clean = t.model.apply(v, x)[0]
+  off = t.model.apply(v, x, None, r, 0.0, method=_noisy_round_trip)[0]
+  np.testing.assert_allclose(off, clean, rtol=1e-5, atol=1e-6)  # tau = 0: the plain round trip
+  noisy = t.model.apply(v, x, None, r, 0.5, method=_noisy_round_trip)[0]
+  # by hand: sigma ~ |N(0, tau^2)| per example, times the batch's std(z)
+  z = t.model.apply(v, x, method=lambda m, x: m.encode(x).mode())
+  r_sigma, r_eps = jax.random.split(r)
+  sigma = 0.5 * jnp.abs(jax.random.normal(r_sigma, (3, 1, 1, 1)))
+  want = t.model.apply(v, z + sigma * jnp.std(z) * jax.random.normal(r_eps, z.shape),
+                       method=lambda m, z: m.decode(z))
+  np.testing.assert_allclose(noisy, want, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(noisy - clean).mean()) > 1e-3
+
+
+def test_latent_noise_reaches_the_loss_and_validates():
+  t = _task(1, disc_start=10**9)
+  x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  state = t.init(jax.random.PRNGKey(0))
+
+  def loss(tau):
+    t.c.loss.latent_noise = tau
+    return float(t._loss({"g": state["params"], "d": state["disc_params"]}, {"image": x},
+                         jax.random.PRNGKey(1), state["step"])[0])
+
+  noisy, plain = loss(0.3), loss(0.0)
+  assert np.isfinite(noisy) and noisy != plain
+  cfg = ml_collections.ConfigDict(dict(dtype="float32", remat=False, grad_accum=1))
+  for kind, tau in (("kl", -0.1), ("vq", 0.2)):
+    cfg.stage1 = default_config(kind, 4, "tiny")
+    cfg.stage1.loss.latent_noise = tau
+    with pytest.raises(ValueError, match="stage1.loss.latent_noise"):
+      AutoencoderTask(cfg)

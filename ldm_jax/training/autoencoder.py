@@ -71,6 +71,10 @@ def default_config(kind: str = "kl", f: int = 8, size: str = "ref") -> ml_collec
   c.loss.lpips_vgg_path = ""         # torchvision vgg16 state dict (features.*); "" = no LPIPS
   c.loss.lpips_lin_path = ""         # lpips weights/v0.1/vgg.pth (lin0..lin4); "" = no LPIPS
   c.loss.kl_weight = 1e-6            # KL: weight of KL(q(z|x) || N(0, I))
+  # KL: tau of the noise-augmented decoder (RAE, Zheng et al. 2025): it decodes
+  # z + sigma * std(z) * eps, sigma ~ |N(0, tau^2)| per example, so it learns to
+  # read latents off the encoder's, as stage 2's samples are. 0 = off.
+  c.loss.latent_noise = 0.0
   c.loss.logvar_init = 0.0           # KL: initial value of the learned scalar log-variance
   c.loss.codebook_weight = 1.0       # VQ: weight of the codebook + commitment loss
   c.loss.disc_start = 50001 if size == "ref" else 10**9  # step at which the GAN terms switch on
@@ -92,6 +96,18 @@ def _tx(lr, c, total_steps):
   return optax.adam(schedule, b1=c.b1, b2=c.b2)
 
 
+def _noisy_round_trip(model, x, rng, noise_rng, tau):
+  """AutoencoderKL's round trip, decoding z + sigma * std(z) * eps with sigma ~ |N(0, tau^2)|
+  per example (std over the batch, not differentiated: the noise cannot be outgrown)."""
+  posterior = model.encode(x)
+  z = posterior.sample(rng) if rng is not None else posterior.mode()
+  r_sigma, r_eps = jax.random.split(noise_rng)
+  sigma = tau * jnp.abs(jax.random.normal(r_sigma, (z.shape[0],) + (1,) * (z.ndim - 1)))
+  z = z + sigma * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(r_eps, z.shape)
+  x_hat, feats = model.decode(z, return_features=True)
+  return x_hat, posterior, {"features": feats}
+
+
 class AutoencoderTask(Task):
   """Stage-1 Task. `config.stage1` from `default_config`; global `dtype`, `remat`, `grad_accum`."""
 
@@ -110,6 +126,9 @@ class AutoencoderTask(Task):
                        f"stage1.image_size={c.image_size} below 3x3 patches")
     if c.loss.gradient_weight < 0:
       raise ValueError(f"stage1.loss.gradient_weight={c.loss.gradient_weight}: must be >= 0")
+    tau = c.loss.get("latent_noise", 0.0)
+    if tau < 0 or (tau > 0 and c.kind != "kl"):
+      raise ValueError(f"stage1.loss.latent_noise={tau}: must be >= 0, and > 0 needs stage1.kind='kl'")
     if c.loss.disc_loss not in L.DISC_LOSSES:
       raise ValueError(f"stage1.loss.disc_loss: expected one of {sorted(L.DISC_LOSSES)}, got {c.loss.disc_loss!r}")
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}.get(config.get("dtype", "float32"), "?")
@@ -172,10 +191,15 @@ class AutoencoderTask(Task):
     c, lc = self.c, self.c.loss
     params, disc_params = trainable["g"], trainable["d"]
     x = batch["image"].astype(jnp.float32)
-    r_z, r_drop = jax.random.split(rng)
+    r_z, r_drop, r_noise = jax.random.split(rng, 3)
     sample = c.kind == "kl" and c.sample_posterior
-    x_hat, reg, info = self.model.apply(self._variables(params), x, r_z if sample else None,
-                                        return_features=True, rngs={"dropout": r_drop})
+    if lc.get("latent_noise", 0.0) > 0:
+      x_hat, reg, info = self.model.apply(
+          self._variables(params), x, r_z if sample else None, r_noise, lc.latent_noise,
+          method=_noisy_round_trip, rngs={"dropout": r_drop})
+    else:
+      x_hat, reg, info = self.model.apply(self._variables(params), x, r_z if sample else None,
+                                          return_features=True, rngs={"dropout": r_drop})
 
     def nll_of(xh):
       p = self.lpips[0].apply({"params": self.lpips[1]}, x, xh) if self.lpips else None
