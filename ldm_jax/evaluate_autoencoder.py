@@ -28,6 +28,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("num", 1000, "Held-out images to reconstruct.")
   flags.DEFINE_integer("batch", 100, "Global batch (rounded up to a multiple of the devices).")
+  flags.DEFINE_float("latent_noise", 0.0, "KL: decode z + s std(z) eps instead of z (s = this): "
+                     "how much survives latents off the encoder's, as stage 2's samples are.")
   flags.DEFINE_string("inception", None, "FID Inception weights (.pth/.safetensors); rFID is "
                       "skipped without them.")
   flags.DEFINE_string("shards", None, "wds runs: the held-out shards (brace pattern, glob, list).")
@@ -39,8 +41,9 @@ FLAGS = flags.FLAGS
 
 
 def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
-             shards=None, tfds_split: str = "validation") -> dict:
-  """Mean PSNR / SSIM (and rFID when `inception` = (module, params)) over `num` held-out images."""
+             shards=None, tfds_split: str = "validation", latent_noise: float = 0.0) -> dict:
+  """Mean PSNR / SSIM (and rFID when `inception` = (module, params)) over `num` held-out
+  images; `latent_noise` s > 0 decodes z + s std(z) eps (batch b's eps drawn from (seed, b))."""
   import jax
   import numpy as np
   from jax.experimental import multihost_utils
@@ -64,8 +67,11 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
     inc_params = jax.device_put(inception[1], parallel.replicated(mesh))
 
   @jax.jit
-  def measure(state, inc_params, x):
-    x_hat = task.sample(state, {"image": x}, None)
+  def measure(state, inc_params, x, key):
+    if latent_noise:
+      x_hat = task.sample(state, {"image": x}, key, latent_noise=latent_noise)
+    else:
+      x_hat = task.sample(state, {"image": x}, None)
     out = {"psnr": psnr(x, x_hat), "ssim": ssim(x, x_hat)}
     if shapes_attrs:
       out["x"], out["x_hat"] = x, x_hat
@@ -76,9 +82,10 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
 
   from ldm_jax.data.shapes import ATTRIBUTES, classify_image
   parts = []
-  for _ in progress(range(-(-num // batch)), desc="round trips", unit="batch"):
+  for b in progress(range(-(-num // batch)), desc="round trips", unit="batch"):
     x = parallel.global_batch({"image": next(it)["image"]}, mesh)["image"]
-    part = multihost_utils.process_allgather(measure(state, inc_params, x), tiled=True)
+    key = jax.random.fold_in(jax.random.key(config.seed), b)
+    part = multihost_utils.process_allgather(measure(state, inc_params, x, key), tiled=True)
     if shapes_attrs:  # images become per-attribute matches here: only scalars are kept
       pairs = [(classify_image(a), classify_image(b)) for a, b in
                zip(part.pop("x"), part.pop("x_hat"))]
@@ -88,7 +95,8 @@ def evaluate(task, state, mesh, config, *, num: int, batch: int, inception=None,
   got = {k: np.concatenate([np.asarray(p[k]) for p in parts])[:num] for k in parts[0]}
   res = {"num": int(len(got["psnr"])), "psnr": float(got["psnr"].mean()),
          "psnr_std": float(got["psnr"].std()), "ssim": float(got["ssim"].mean()),
-         "ssim_std": float(got["ssim"].std()), "data_stats": it.stats()}
+         "ssim_std": float(got["ssim"].std()), "latent_noise": latent_noise,
+         "data_stats": it.stats()}
   if shapes_attrs:
     res["attributes_kept"] = {k: float(got[f"kept_{k}"].mean()) for k in ATTRIBUTES}
   if inception is not None:
@@ -103,6 +111,8 @@ def main(argv):
                                   if FLAGS.workdir else None)
   if ckpt_dir is None:
     raise app.UsageError("give --workdir or --checkpoint")
+  if FLAGS.latent_noise < 0:
+    raise app.UsageError(f"--latent_noise={FLAGS.latent_noise}: must be >= 0")
   for name in ("num", "batch"):
     if FLAGS[name].value < 1:
       raise app.UsageError(f"--{name}={FLAGS[name].value}: must be at least 1")
@@ -125,7 +135,7 @@ def main(argv):
                                       step=FLAGS.step)
   t0 = time.time()
   res = evaluate(task, state, mesh, config, num=FLAGS.num, batch=FLAGS.batch, inception=inception,
-                 shards=FLAGS.shards, tfds_split=FLAGS.tfds_split)
+                 shards=FLAGS.shards, tfds_split=FLAGS.tfds_split, latent_noise=FLAGS.latent_noise)
   res.update(step=int(jax.device_get(state["step"])), seconds=round(time.time() - t0, 1),
              checkpoint=ckpt_dir)
   if jax.process_index() == 0:
@@ -133,7 +143,8 @@ def main(argv):
             ("SSIM", f"{res['ssim']:.4f} ± {res['ssim_std']:.4f}"),
             ("rFID", f"{res['rfid']:.3f}" if "rfid" in res else "— (no --inception)")]
     rows += [(f"{k} kept", f"{100 * v:.1f}%") for k, v in res.get("attributes_kept", {}).items()]
-    print(f"{res['num']} held-out images, checkpoint step {res['step']}:")
+    noise = f", latents + {FLAGS.latent_noise:g} std(z) noise" if FLAGS.latent_noise else ""
+    print(f"{res['num']} held-out images, checkpoint step {res['step']}{noise}:")
     print("| metric | value |\n|---|---|")
     for name, value in rows:
       print(f"| {name} | {value} |")

@@ -164,6 +164,15 @@ def test_noisy_round_trip_decodes_noised_latents():
                        method=lambda m, z: m.decode(z))
   np.testing.assert_allclose(noisy, want, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(noisy - clean).mean()) > 1e-3
+  # the evaluation's fixed noise level: D(z + s std(z) eps), eps from the rng given
+  state = {"params": {"autoencoder": v["params"]}}
+  eps = jax.random.normal(r, z.shape)
+  want = jnp.clip(t.model.apply(v, z + 0.4 * jnp.std(z) * eps, method=lambda m, z: m.decode(z)),
+                  -1, 1)
+  np.testing.assert_allclose(t.sample(state, {"image": x}, r, latent_noise=0.4), want,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(t.sample(state, {"image": x}, None), jnp.clip(clean, -1, 1),
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_latent_noise_reaches_the_loss_and_validates():

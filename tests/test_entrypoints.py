@@ -71,11 +71,12 @@ def test_train_sample_evaluate(tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a small green square at the top left on a white background\n")
   _run(["ldm_jax.sample", f"--workdir={wd}", "--prompt=a large red circle in the centre on a "
-        "blue background", f"--prompts-file={prompts}", "--num=2", "--steps=3", f"--out={out}"],
+        "blue background", f"--prompts-file={prompts}", "--num=2", "--steps=3", f"--out={out}",
+        "--guidance-interval=0.1,0.9"],
        cwd=cwd)
   assert os.path.isfile(tmp_path / "samples" / "grid.png")
   meta = [json.load(open(tmp_path / "samples" / f"{i:05d}.json")) for i in range(4)]
-  assert all(m["steps"] == 3 for m in meta)
+  assert all(m["steps"] == 3 and m["guidance_interval"] == [0.1, 0.9] for m in meta)
   assert {m["prompt"] for m in meta} == {"a large red circle in the centre on a blue background",
                                          "a small green square at the top left on a white background"}
   log = _run(["ldm_jax.evaluate_prompts", f"--workdir={wd}", "--num=4", "--steps=2", "--chunk=4"],
@@ -84,7 +85,8 @@ def test_train_sample_evaluate(tmp_path):
   res = json.load(open(run_dir / "eval" / "results.json"))
   assert set(res["accuracy"]) >= {"colour", "kind", "position"} and res["num"] == 4
   assert os.path.isfile(run_dir / "eval" / "grid.png")
-  _run(["ldm_jax.evaluate_autoencoder", f"--workdir={wd}", "--num=8", "--batch=8"], cwd=cwd)
+  _run(["ldm_jax.evaluate_autoencoder", f"--workdir={wd}", "--num=8", "--batch=8",
+        "--latent_noise=0.2"], cwd=cwd)
   res = json.load(open(run_dir / "autoencoder" / "eval" / "results.json"))
-  assert res["num"] == 8 and res["psnr"] > 0
+  assert res["num"] == 8 and res["psnr"] > 0 and res["latent_noise"] == 0.2
   assert os.listdir(cwd) == []  # nothing went to a local folder named after the URL

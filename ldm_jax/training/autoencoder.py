@@ -276,10 +276,22 @@ class AutoencoderTask(Task):
                  disc_opt=disc_opt)
     return state, aux
 
-  def sample(self, state, batch, rng):
-    """Reconstructions x_hat = D(E(x)) (posterior mode / quantised) of batch['image'], in [-1, 1]."""
-    del rng
-    out = self.eval_model.apply(self._variables(state["params"]), batch["image"])[0]
+  def sample(self, state, batch, rng, latent_noise: float = 0.0):
+    """Reconstructions x_hat = D(E(x)) (posterior mode / quantised) of batch['image'], in [-1, 1].
+
+    latent_noise = s > 0 (KL): D(z + s std(z) eps) with eps from `rng`, how the decoder
+    reads latents off the encoder's (stage 2's samples are such latents)."""
+    variables = self._variables(state["params"])
+    if latent_noise:
+      if self.c.kind != "kl":
+        raise ValueError("latent noise needs a KL first stage (stage1.kind='kl')")
+
+      def noisy(model, x):
+        z = model.encode(x).mode()
+        return model.decode(z + latent_noise * jnp.std(z) * jax.random.normal(rng, z.shape))
+      out = self.eval_model.apply(variables, batch["image"], method=noisy)
+    else:
+      out = self.eval_model.apply(variables, batch["image"])[0]
     return jnp.clip(out, -1.0, 1.0)
 
   def sample_metrics(self, batch, images):
