@@ -47,6 +47,10 @@ def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZE
   # Decode posterior samples in training (the reference), so the decoder has seen
   # latents off the mean, as stage 2's are.
   c.stage1.sample_posterior = True
+  if tiny:
+    # A decoder that also reads noised latents (tau 0.1): stage 2's samples are
+    # such latents, and it keeps the shape's kind in them (docs/experiments.md).
+    c.stage1.loss.latent_noise = 0.1
   c.stages = ("autoencoder", "ldm") if c.stage1.total_steps else ("ldm",)
 
   # Stage 2: the UNet on z = scale_factor * E(x).
