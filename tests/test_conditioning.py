@@ -174,12 +174,18 @@ def test_timestep_spacing_follows_the_schedule_and_eps_with_zero_snr_fails(tmp_p
   assert timestep_spacing(load("txt2img", "size=sd15").stage2) == "leading" and sd.steps_offset == 1
 
 
-def test_request_defaults_to_the_config():
+def test_request_defaults_to_the_config(monkeypatch):
   c2 = _stage2("txt2img", **{"stage2.sample.steps": 7})
   task = LDMTask(c2)
   _, meta = sampling.build_batch(task, c2, sampling.Request(prompts=["a"], num=1))
   assert meta[0]["steps"] == 7 and meta[0]["timestep_spacing"] == "leading"
   assert meta[0]["guidance_interval"] == (0.0, 1.0)
+  # a request's interval reaches the sampler (generate's kwargs go to LDMTask.sample)
+  seen = {}
+  monkeypatch.setattr(sampling, "generate", lambda *a, **kw: seen.update(kw) or np.zeros(1))
+  sampling.sample_request(task, None, None, c2, sampling.Request(prompts=["a"], num=1,
+                                                                 guidance_interval=(0.2, 0.6)))
+  assert seen["interval"] == (0.2, 0.6) and seen["guidance"] == c2.stage2.sample.guidance
   _, meta = sampling.build_batch(task, c2, sampling.Request(prompts=["a"], num=1, steps=3,
                                                             timestep_spacing="trailing"))
   assert meta[0]["steps"] == 3 and meta[0]["timestep_spacing"] == "trailing"
