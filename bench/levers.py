@@ -45,6 +45,8 @@ LEVERS = {
                             dict(flags="--xla_cpu_use_multi_output_fusion=true")),
     "concurrency_scheduler": ("XLA flag --xla_cpu_enable_concurrency_optimized_scheduler=true",
                               dict(flags="--xla_cpu_enable_concurrency_optimized_scheduler=true")),
+    "legacy_emitters": ("XLA flag --xla_cpu_use_fusion_emitters=false (LLVM IR fusion emitters)",
+                        dict(flags="--xla_cpu_use_fusion_emitters=false")),
     "single_thread_eigen": ("XLA flag --xla_cpu_multi_thread_eigen=false",
                             dict(flags="--xla_cpu_multi_thread_eigen=false")),
 }

@@ -1,6 +1,8 @@
-"""Test setup, before jax is imported anywhere: 8 CPU devices, and XLA's backend
-optimisations off -- tests run a few steps of many models, so compiling, not
-running, is what they spend their time on (this halves it)."""
+"""Test setup, before jax is imported anywhere: 8 CPU devices, XLA's backend
+optimisations off and its older (LLVM IR) fusion emitters -- tests run a few steps
+of many models, so compiling, not running, is what they spend their time on (the
+first halves it; the second compiles the tiny update step in 0.8x the time and runs
+it at 0.76x the speed, bench/levers.py's `legacy_emitters`)."""
 import logging
 import os
 import shutil
@@ -8,7 +10,8 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+                           " --xla_backend_optimization_level=0"
+                           " --xla_cpu_use_fusion_emitters=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the run, shared by its workers (they inherit
 # the variable) and the processes the tests start: many tests compile the same

@@ -96,15 +96,19 @@ def _tx(lr, c, total_steps):
   return optax.adam(schedule, b1=c.b1, b2=c.b2)
 
 
+def _noised(z, sigma, rng):
+  """z + sigma * std(z) * eps: std over the batch, not differentiated (the noise cannot be
+  outgrown); sigma a scalar or one per example."""
+  return z + sigma * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(rng, z.shape)
+
+
 def _noisy_round_trip(model, x, rng, noise_rng, tau):
-  """AutoencoderKL's round trip, decoding z + sigma * std(z) * eps with sigma ~ |N(0, tau^2)|
-  per example (std over the batch, not differentiated: the noise cannot be outgrown)."""
+  """AutoencoderKL's round trip, decoding `_noised` z with sigma ~ |N(0, tau^2)| per example."""
   posterior = model.encode(x)
   z = posterior.sample(rng) if rng is not None else posterior.mode()
   r_sigma, r_eps = jax.random.split(noise_rng)
   sigma = tau * jnp.abs(jax.random.normal(r_sigma, (z.shape[0],) + (1,) * (z.ndim - 1)))
-  z = z + sigma * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(r_eps, z.shape)
-  x_hat, feats = model.decode(z, return_features=True)
+  x_hat, feats = model.decode(_noised(z, sigma, r_eps), return_features=True)
   return x_hat, posterior, {"features": feats}
 
 
@@ -287,8 +291,7 @@ class AutoencoderTask(Task):
         raise ValueError("latent noise needs a KL first stage (stage1.kind='kl')")
 
       def noisy(model, x):
-        z = model.encode(x).mode()
-        return model.decode(z + latent_noise * jnp.std(z) * jax.random.normal(rng, z.shape))
+        return model.decode(_noised(model.encode(x).mode(), latent_noise, rng))
       out = self.eval_model.apply(variables, batch["image"], method=noisy)
     else:
       out = self.eval_model.apply(variables, batch["image"])[0]
