@@ -42,7 +42,7 @@ def ldm(arg, *, context: str, classes: int = 0, concat: str = "none", sizes=SIZE
   # base: the paper's kl-f8. SD's sizes train none: their VAE comes trained
   # (config.pretrained).
   c.stage1 = config_lib.autoencoder_stage("kl", 4 if tiny else 8, "tiny" if tiny else "ref", res)
-  c.stage1.total_steps = {"tiny": 1600, "base": 200_000}.get(arg.size, 0)
+  c.stage1.total_steps = {"tiny": 2400, "base": 200_000}.get(arg.size, 0)
   c.stage1.batch_size = {"tiny": 16, "base": 96}.get(arg.size, 8)
   # Decode posterior samples in training (the reference), so the decoder has seen
   # latents off the mean, as stage 2's are.

@@ -128,7 +128,7 @@ def test_print_config_lists_every_field_with_its_comment_and_starts_no_backend(t
   names = list(_leaves(c.to_dict()))
   assert [l.split(" = ")[0] for l in lines] == names
   assert "stage2.lr = 5e-05  # AdamW's peak learning rate | (tiny) a high learning rate" in out.stdout
-  assert "stage1.total_steps = 1600  # optimizer steps of this stage" in out.stdout
+  assert "stage1.total_steps = 2400  # optimizer steps of this stage" in out.stdout
   assert "stage2.conditioning.context = 'text'  # 'text' (cross-attention)" in out.stdout
   assert "stage2.unet.model_channels = 32  # base width" in out.stdout
   assert "mesh = (('data', -1), ('fsdp', 2), ('tensor', 1))  # Mesh axes" in out.stdout
