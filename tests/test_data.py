@@ -385,3 +385,27 @@ def test_shapes_captions_round_trip_and_classifier_reads_renders():
   assert all(shapes.split_of(a) == "heldout" for a in held)
   with pytest.raises(ValueError, match="not a shapes caption"):
     shapes.parse_caption("a photo of a cat")
+
+
+def test_load_npy_matches_np_load_and_never_unpickles():
+  # load_npy parses each distinct header once and reads the data with frombuffer;
+  # it must read what np.load reads (orders, byte orders, header versions) and
+  # refuse what np.load would refuse.
+  def npy(a, version=None, allow_pickle=False):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, version=version, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+  rng = np.random.default_rng(0)
+  arrays = [rng.normal(size=(8, 8, 3)).astype(np.float16), np.asfortranarray(rng.normal(size=(4, 5))),
+            np.float64(2.5) * np.ones(()), np.arange(7, dtype=">i4")]
+  for a in arrays:
+    for version in (None, (2, 0)):
+      for _ in range(2):  # the second read takes the parsed header
+        got = decode.load_npy(npy(a, version))
+        assert got.dtype == np.float32 and got.shape == a.shape
+        np.testing.assert_array_equal(got, np.load(io.BytesIO(npy(a, version))).astype(np.float32))
+  pickled = npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)
+  for bad in (pickled, npy(arrays[0])[:-8], b"\x93NUMPY", b"junk", b""):
+    with pytest.raises(ValueError):
+      decode.load_npy(bad)

@@ -192,14 +192,42 @@ def read_label(meta: dict, key: str, num_classes: int = 0) -> int:
 
 # np.load parses the .npy header with ast.literal_eval, which CPython 3.11 does not
 # make safe across threads ("SystemError: AST constructor recursion depth
-# mismatch" under the decoding pool); one lock makes it so, at microseconds a call.
+# mismatch" under the decoding pool); one lock makes it so. Each distinct header is
+# parsed once: a latent cache's members share one, and parsing was most of a
+# member's decoding time.
 _NPY_LOCK = threading.Lock()
+_NPY_HEADERS: dict = {}  # header bytes -> (dtype, shape, fortran_order)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _npy_spec(data: bytes) -> tuple:
+  """(header end, (dtype, shape, fortran_order)) of a version 1 or 2 .npy file."""
+  if data[:6] != _NPY_MAGIC or data[6:7] not in (b"\x01", b"\x02"):
+    raise ValueError("not a version 1 or 2 .npy file")
+  start, width = (10, 2) if data[6] == 1 else (12, 4)
+  end = start + int.from_bytes(data[8:8 + width], "little")
+  spec = _NPY_HEADERS.get(data[:end])
+  if spec is None:
+    with _NPY_LOCK:
+      f = io.BytesIO(data)
+      np.lib.format.read_magic(f)
+      read = (np.lib.format.read_array_header_1_0 if data[6] == 1
+              else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read(f)
+      if dtype.hasobject:  # would need unpickling
+        raise ValueError(".npy of an object dtype: not read (it would unpickle)")
+      spec = (dtype, shape, fortran)
+      if len(_NPY_HEADERS) < 4096:
+        _NPY_HEADERS[data[:end]] = spec
+  return end, spec
 
 
 def load_npy(data: bytes) -> np.ndarray:
-  """float32 array of a .npy file's bytes."""
-  with _NPY_LOCK:
-    return np.load(io.BytesIO(data)).astype(np.float32)
+  """float32 array of a .npy file's bytes (never an object array: no unpickling)."""
+  end, (dtype, shape, fortran) = _npy_spec(data)
+  a = np.frombuffer(data, dtype, count=math.prod(shape), offset=end)
+  a = a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+  return a.astype(np.float32)
 
 
 def check_filters(meta: dict, size: tuple, cfg) -> None:
