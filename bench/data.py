@@ -1,7 +1,7 @@
 """Data throughput: images/s of decode + augment + batch from 256 px JPEG shards,
 with 1 decoding worker and with all, beside what the stage-2 step consumes; and
 samples/s of reading a latent cache's shards with the shard reader and with Python's
-tarfile.
+tarfile, and of decoding their samples (`decode.load_npy` against `np.load`).
 
   python bench/data.py [--num 2000 --resolution 256 --batch 64 --batches 20]
 
@@ -89,8 +89,44 @@ def tar_reading(n: int) -> None:
       assert count == n, (name, count)
       rates[name] = n / best
       rows.append([name, n, round(rates[name]), round(rates[name] / rates["tarfile"], 2)])
-  common.print_table(["reader", "samples", "samples/s", "x tarfile"], rows,
-                     title="latent-cache shards, 4 members a sample (one thread)")
+    common.print_table(["reader", "samples", "samples/s", "x tarfile"], rows,
+                       title="latent-cache shards, 4 members a sample (one thread)")
+    decoding([s for url in urls for s in shards.iter_samples(url)])
+
+
+def decoding(samples: list) -> None:
+  """Samples/s of `decode.decode_sample` on latent-cache samples (latent + std + caption
+  + json): its `load_npy`, which parses a header once, against np.load on every array."""
+  import io
+  import threading
+  import numpy as np
+  from ldm_jax import data
+  from ldm_jax.data import decode
+
+  cfg = data.default_config()
+  cfg.source = "latents"
+  lock, fast = threading.Lock(), decode.load_npy
+
+  def np_load(raw):  # np.load under the pool's lock, as the reader did before load_npy
+    with lock:
+      return np.load(io.BytesIO(raw)).astype(np.float32)
+
+  rows, rates = [], {}
+  for name, load in [("np.load", np_load), ("decode.load_npy", fast)]:
+    decode.load_npy = load
+    try:
+      best = float("inf")
+      for _ in range(3):
+        t = time.perf_counter()
+        for i, s in enumerate(samples):
+          decode.decode_sample(s, cfg, np.random.default_rng(i), {})
+        best = min(best, time.perf_counter() - t)
+    finally:
+      decode.load_npy = fast
+    rates[name] = len(samples) / best
+    rows.append([name, len(samples), round(rates[name]), round(rates[name] / rates["np.load"], 2)])
+  common.print_table(["arrays read by", "samples", "samples/s", "x np.load"], rows,
+                     title="latent-cache samples decoded (one thread)")
 
 
 def step_rate(batch: int) -> float:
