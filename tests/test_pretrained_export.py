@@ -100,10 +100,10 @@ def _fine_tune(style: str, workdir: str) -> dict:
   config, explicit = finetune_config(style, data_dir)
   t0, cpu0 = time.time(), time.process_time()
   child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+  keys = ("params", "ema", "frozen", "scale_factor")
   if style == "sd1":
     result = run.train_and_evaluate(config, workdir, explicit=explicit)["ldm"]
-    state = jax.device_get({k: result["state"][k]
-                            for k in ("params", "ema", "frozen", "scale_factor")})
+    state = jax.device_get({k: result["state"][k] for k in keys})
   else:
     xla = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if "fusion_emitters" not in f and "device_count" not in f]
@@ -114,7 +114,7 @@ def _fine_tune(style: str, workdir: str) -> dict:
     assert "fine-tuning" in out.stderr + out.stdout
     _, restored, _, _ = sampling.load(os.path.join(workdir, "ldm", "checkpoints"),
                                       devices=jax.devices()[:1])
-    state = jax.device_get({k: restored[k] for k in ("params", "ema", "frozen", "scale_factor")})
+    state = jax.device_get({k: restored[k] for k in keys})
     result = dict(logged=_logged(workdir))
   child = resource.getrusage(resource.RUSAGE_CHILDREN)
   seconds = time.time() - t0
