@@ -3,6 +3,7 @@
   python bench/levers.py                         # every lever on the tiny UNet train step
   python bench/levers.py --levers xla_conv,devices_2 --steps 11
   python bench/levers.py --row sd --levers xla_conv,attention_xla --steps 3
+  python bench/levers.py --row tiny2 --levers fsdp_2    # against the 2-device step
 
 The default (the library as it is) runs in one worker process for the whole run; each
 lever runs in a second process beside it (XLA flags and the device count are fixed
@@ -29,6 +30,8 @@ LEVERS = {
                       dict(model_kw={"attention": "xla"})),
     "devices_2": ("2 CPU devices, the batch split over them (python -m ldm_jax.train's split)",
                   dict(row="tiny2")),
+    "fsdp_2": ("2 CPU devices as an fsdp axis: weights, gradients and AdamW's update split over them",
+               dict(row="tiny2", setup="fsdp_2")),
     "groupnorm_flax": ("GroupNorm: flax's nn.GroupNorm, SiLU after it, both differentiated by JAX",
                        dict(setup="groupnorm_flax")),
     "no_donate": ("train state not donated (no in-place update)", dict(setup="no_donate")),
@@ -54,7 +57,7 @@ LEVERS = {
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--row", default="tiny", choices=("tiny", "sd", "vae", "text"))
+  p.add_argument("--row", default="tiny", choices=("tiny", "tiny2", "sd", "vae", "text"))
   p.add_argument("--levers", default=",".join(LEVERS), help=f"comma list of {list(LEVERS)}")
   p.add_argument("--steps", type=int, default=9, help="timed steps of each side per lever")
   p.add_argument("--warmup", type=int, default=2)
@@ -74,6 +77,8 @@ def _setup(name: str):
   elif name == "groupnorm_flax":
     from ldm_jax.models import layers
     layers.GroupNorm = common.flax_group_norm
+  elif name == "fsdp_2":
+    peer.MESH = (("data", 1), ("fsdp", 2), ("tensor", 1))
   elif name == "no_donate":
     peer.DONATE = False
   elif name == "precision_highest":

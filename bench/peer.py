@@ -57,6 +57,7 @@ VAE_TORCH = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_bl
                  up_block_types=("UpDecoderBlock2D",) * 4)
 LR = 1e-4
 DONATE = True  # the train state is donated to the step (updated in place)
+MESH = None  # the tiny rows' mesh axes (config.mesh); None: the default (data over every device)
 
 
 def parse_args(argv=None):
@@ -114,6 +115,8 @@ def jax_side(row: str, return_compiled: bool = False, model_kw=None):
     model = unet.UNetModel(**TINY_JAX, **(model_kw or {}))
     batch = _tiny_batch()
     spine = config_lib.spine(batch_size=TINY_BATCH)
+    if MESH:
+      spine.mesh = MESH
     mesh, rules = parallel.make_mesh(spine), parallel.rules_of(spine)
     tx = optax.adamw(LR)
     init = lambda r: (lambda p: dict(params=p, opt=tx.init(p)))(
