@@ -32,6 +32,8 @@ LEVERS = {
                   dict(row="tiny2")),
     "fsdp_2": ("2 CPU devices as an fsdp axis: weights, gradients and AdamW's update split over them",
                dict(row="tiny2", setup="fsdp_2")),
+    "chains_2": ("the batch as two independent half-batch gradient computations, summed "
+                 "(XLA's runtime may run them side by side)", dict(setup="chains_2")),
     "groupnorm_flax": ("GroupNorm: flax's nn.GroupNorm, SiLU after it, both differentiated by JAX",
                        dict(setup="groupnorm_flax")),
     "no_donate": ("train state not donated (no in-place update)", dict(setup="no_donate")),
@@ -79,6 +81,8 @@ def _setup(name: str):
     layers.GroupNorm = common.flax_group_norm
   elif name == "fsdp_2":
     peer.MESH = (("data", 1), ("fsdp", 2), ("tensor", 1))
+  elif name == "chains_2":
+    peer.CHAINS = 2
   elif name == "no_donate":
     peer.DONATE = False
   elif name == "precision_highest":

@@ -58,6 +58,7 @@ VAE_TORCH = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_bl
 LR = 1e-4
 DONATE = True  # the train state is donated to the step (updated in place)
 MESH = None  # the tiny rows' mesh axes (config.mesh); None: the default (data over every device)
+CHAINS = 1  # the tiny rows' batch as this many independent gradient computations, summed
 
 
 def parse_args(argv=None):
@@ -131,7 +132,9 @@ def jax_side(row: str, return_compiled: bool = False, model_kw=None):
       return jnp.mean(jnp.square(model.apply(params, z_t, b["t"], b["ctx"]) - b["eps"]))
 
     def update(state, b):
-      loss, grads = jax.value_and_grad(loss_fn)(state["params"], b)
+      parts = [jax.tree.map(lambda x: x[i::CHAINS], b) for i in range(CHAINS)]
+      losses, grads = zip(*(jax.value_and_grad(loss_fn)(state["params"], p) for p in parts))
+      loss, grads = sum(losses) / CHAINS, jax.tree.map(lambda *g: sum(g) / CHAINS, *grads)
       updates, opt = tx.update(grads, state["opt"], state["params"])
       return dict(params=jax.tree.map(jnp.add, state["params"], updates), opt=opt), loss
 
